@@ -1,0 +1,143 @@
+"""Records -> token ids -> padded tensors. The user index travels as an integer tensor from here to the one
+prefix function; it is never written into the prompt text."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from preference_data.records import DataError, PreferenceRecord
+from preference_data.vocab import UserVocab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    user_idx: int
+    text_ids: list[int] = field(default_factory=list)
+
+
+class PairEncoder:
+    """Tokenises records with the model's chat template, truncating per the data config."""
+
+    def __init__(self, tokenizer, max_prompt_length: int, max_response_length: int, max_user_text_length: int = 48,
+                 prompt_overflow: str = "truncate", chat_template: str = "auto",
+                 system_prompt: str | None = None, use_text: bool = False):
+        self.tok = tokenizer
+        self.max_prompt, self.max_response, self.max_text = max_prompt_length, max_response_length, max_user_text_length
+        self.prompt_overflow = prompt_overflow
+        self.use_chat = chat_template == "auto" and getattr(tokenizer, "chat_template", None)
+        self.system_prompt = system_prompt
+        self.use_text = use_text
+        self.n_truncated_prompts = 0
+        self.n_truncated_responses = 0
+        eos = tokenizer.eos_token_id
+        self.eos_id = eos
+
+    @classmethod
+    def from_config(cls, tokenizer, cfg) -> "PairEncoder":
+        d = cfg.data
+        return cls(tokenizer, d.max_prompt_length, d.max_response_length, d.max_user_text_length,
+                   d.prompt_overflow, cfg.model.chat_template, cfg.model.system_prompt, cfg.user_model.use_text)
+
+    def prompt_ids(self, prompt: str, where: str = "") -> list[int]:
+        if self.use_chat:
+            messages = [{"role": "user", "content": prompt}]
+            if self.system_prompt:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            ids = list(ids)
+        else:
+            ids = self.tok(prompt + "\n", add_special_tokens=False).input_ids
+        if len(ids) > self.max_prompt:
+            if self.prompt_overflow == "error":
+                raise DataError(f"{where}: prompt has {len(ids)} tokens, more than data.max_prompt_length="
+                                f"{self.max_prompt} (set data.prompt_overflow=truncate to keep its end)")
+            self.n_truncated_prompts += 1
+            ids = ids[-self.max_prompt:]
+        return ids
+
+    def response_ids(self, text: str) -> list[int]:
+        ids = self.tok(text, add_special_tokens=False).input_ids
+        if len(ids) + 1 > self.max_response:
+            self.n_truncated_responses += 1
+            return ids[: self.max_response]  # truncated: no EOS, it did not end here
+        return ids + [self.eos_id]
+
+    def text_ids(self, user_text: str | None) -> list[int]:
+        if not self.use_text or not user_text:
+            return []
+        return self.tok(user_text, add_special_tokens=False).input_ids[: self.max_text]
+
+    def encode(self, record: PreferenceRecord, vocab: UserVocab, where: str = "") -> EncodedPair:
+        return EncodedPair(self.prompt_ids(record.prompt, where), self.response_ids(record.chosen),
+                           self.response_ids(record.rejected), vocab.index(record.user_id),
+                           self.text_ids(record.user_text))
+
+    def encode_all(self, records: list[PreferenceRecord], vocab: UserVocab, source: str = "") -> list[EncodedPair]:
+        self.n_truncated_prompts = self.n_truncated_responses = 0  # counts are per call
+        out = [self.encode(r, vocab, f"{source} record {i + 1}") for i, r in enumerate(records)]
+        if self.n_truncated_prompts:
+            log.warning("%s: truncated %d prompt(s) to data.max_prompt_length=%d", source or "data",
+                        self.n_truncated_prompts, self.max_prompt)
+        if self.n_truncated_responses:
+            log.warning("%s: truncated %d response(s) to data.max_response_length=%d", source or "data",
+                        self.n_truncated_responses, self.max_response)
+        return out
+
+
+def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    rows = [([value] * (width - len(s)) + s) if side == "left" else (s + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(seqs), width)
+
+
+def collate_sequences(prompts: list[list[int]], responses: list[list[int]], user_idx: list[int],
+                      texts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded [prompt, response] rows; labels hold the response tokens and -100 elsewhere."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    labels = [[-100] * len(p) + r for p, r in zip(prompts, responses)]
+    return {
+        "input_ids": pad(seqs, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "labels": pad(labels, -100),
+        "user_idx": torch.tensor(user_idx, dtype=torch.long),
+        "text_ids": pad(texts, pad_id),
+        "text_mask": pad([[1] * len(t) for t in texts], 0),
+    }
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """2B rows: the B chosen sequences, then the B rejected ones, each with its pair's user."""
+    prompts = [p.prompt_ids for p in pairs] * 2
+    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    users = [p.user_idx for p in pairs] * 2
+    texts = [p.text_ids for p in pairs] * 2
+    return collate_sequences(prompts, responses, users, texts, pad_id)
+
+
+def with_users(batch: dict[str, torch.Tensor], user_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same rows scored as other users (e.g. all generic: zeros)."""
+    return {**batch, "user_idx": user_idx}
+
+
+def concat_batches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Row-concatenate two right-padded batches (pads the shorter one)."""
+    out = {}
+    fills = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "text_ids": pad_id, "text_mask": 0}
+    for key in a:
+        x, y = a[key], b[key]
+        if x.dim() == 2 and x.shape[1] != y.shape[1]:
+            w = max(x.shape[1], y.shape[1])
+            x = torch.nn.functional.pad(x, (0, w - x.shape[1]), value=fills[key])
+            y = torch.nn.functional.pad(y, (0, w - y.shape[1]), value=fills[key])
+        out[key] = torch.cat([x, y], 0)
+    return out

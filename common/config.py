@@ -1,0 +1,376 @@
+"""Typed, validated run configuration.
+
+One schema serves every stage (`train_rm`, `train_pdpo`, `train_ppo`, `evaluate`), so a key means the same thing
+everywhere and `--help` lists the same table. YAML files are merged with dotted `key=value` overrides and checked
+before any model is loaded: an unknown key names the nearest valid one, a wrong type names the key and the type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid configuration. Raised before any model or data is loaded."""
+
+
+def _f(default: Any, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("tiny-random", "`smollm2-135m` (embedded GGUF), `tiny-random` (tests), a local folder or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter/compute dtype of the LLM")
+    finetune: Literal["lora", "full", "frozen"] = _f(
+        "lora", "how the LLM is trained: LoRA adapters, full fine-tune, or frozen (only user model + head learn)")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA scaling numerator")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_target_modules: list = _f(["q_proj", "v_proj"], "module names that get LoRA adapters")
+    trust_remote_code: bool = _f(False, "allow a hub model's own code to run (off unless you ask for it)")
+    revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) for a hub id")
+    chat_template: Literal["auto", "none"] = _f(
+        "auto", "`auto` wraps prompts in the tokenizer's chat template when it has one; `none` uses raw text")
+    system_prompt: Optional[str] = _f(
+        "You are a helpful assistant.", "system message of the chat template (null: the template's default)")
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = _f(None, "training comparisons (.jsonl/.json/.parquet, contract record)")
+    eval_path: Optional[str] = _f(None, "held-out comparisons used for eval during training and by `evaluate`")
+    max_prompt_length: int = _f(128, "prompt tokens (after the chat template) kept per example")
+    max_response_length: int = _f(96, "response tokens kept per example (longer responses are truncated)")
+    max_user_text_length: int = _f(48, "tokens of user text kept for the explicit user model")
+    prompt_overflow: Literal["truncate", "error"] = _f(
+        "truncate", "prompts longer than max_prompt_length: keep the end and count them, or fail")
+    on_error: Literal["raise", "skip"] = _f("raise", "bad records: fail naming file and line, or skip and count")
+    max_train_records: Optional[int] = _f(None, "use only the first N training records (quick runs)")
+    max_eval_records: Optional[int] = _f(None, "use only the first N held-out records")
+
+
+@dataclass
+class UserModelConfig:
+    kind: Literal["uniform", "individual", "cluster"] = _f(
+        "individual", "implicit user model: uniform (vanilla), individual (e_0 + o_i), cluster (V . w_i)")
+    n_tokens: int = _f(4, "T_u, soft-prompt tokens of the implicit user embedding")
+    n_clusters: int = _f(4, "K, cluster centres of the cluster user model")
+    init_std: float = _f(0.02, "std of the random init of offsets / cluster centres, relative to token embeddings")
+    use_text: bool = _f(False, "append the explicit user model: the LLM's own embeddings of the record's user_text")
+    lr: Optional[float] = _f(None, "learning rate of the user model (default: 10 x train.lr)")
+    dropout_to_generic: float = _f(0.0, "probability of replacing a seen user by the generic user in training")
+
+
+@dataclass
+class LossConfig:
+    alpha: float = _f(0.5, "weight of the user-specific term; 1 - alpha on the same pair as generic user 0")
+    beta: float = _f(0.1, "DPO temperature: implicit reward = beta * log pi(y|x,u) / pi_ref(y|x)")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = _f("sigmoid", "preference loss of P-DPO (the RM is always BT)")
+    estimator: Literal["exact", "stochastic"] = _f(
+        "exact", "exact: both terms every pair; stochastic: per pair the generic user with prob. 1 - alpha "
+        "(one pass per pair, same expected loss)")
+    label_smoothing: float = _f(0.0, "conservative DPO / BT label smoothing")
+    center_rewards_coef: float = _f(0.0, "RM: penalty on (r_w + r_l)^2 keeping rewards centred")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(100, "optimizer steps")
+    batch_size: int = _f(8, "comparisons (pairs) per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-4, "learning rate of LLM adapters and heads")
+    weight_decay: float = _f(0.0, "AdamW weight decay (never applied to the user model)")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "schedule after warm-up")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0 disables)")
+    log_every: int = _f(5, "log training metrics every N steps")
+    eval_every: int = _f(0, "evaluate on data.eval_path every N steps (0: only at the end)")
+    save_every: int = _f(0, "write a resumable checkpoint every N steps (0: never)")
+    keep_last: int = _f(2, "resumable checkpoints kept (older ones pruned)")
+    resume: Literal["auto", "never"] = _f("auto", "auto: continue from the newest complete checkpoint")
+    deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); null: plain torch")
+    device: str = _f("auto", "`auto` (cuda if available), `cpu` or `cuda`")
+    eval_batch_size: int = _f(16, "pairs per batch when scoring held-out data")
+    num_threads: int = _f(0, "torch CPU threads (0: torch default)")
+
+
+@dataclass
+class PPOConfig:
+    rm_run: Optional[str] = _f(None, "run folder of a finished train_rm run (the frozen reward model)")
+    rollout_batch_size: int = _f(16, "(prompt, user) samples generated per PPO iteration")
+    minibatch_size: int = _f(8, "samples per PPO gradient step")
+    ppo_epochs: int = _f(2, "passes over each rollout batch")
+    generic_user_share: float = _f(0.2, "share of rollout samples generated for the generic user 0")
+    max_new_tokens: int = _f(48, "generation length limit")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_k: int = _f(0, "top-k sampling (0: off)")
+    top_p: float = _f(1.0, "nucleus sampling")
+    kl_coef: float = _f(0.05, "per-token KL penalty coefficient against the reference")
+    adaptive_kl: bool = _f(False, "adapt kl_coef towards target_kl (Ziegler et al.)")
+    target_kl: float = _f(6.0, "target sequence KL of the adaptive controller")
+    kl_horizon: int = _f(10000, "horizon of the adaptive KL controller")
+    gamma: float = _f(1.0, "discount")
+    lam: float = _f(0.95, "GAE lambda")
+    clip_range: float = _f(0.2, "policy ratio clip")
+    clip_range_value: float = _f(0.2, "value clip")
+    vf_coef: float = _f(0.5, "value loss weight")
+    whiten_advantages: bool = _f(True, "normalise advantages per rollout batch")
+    missing_eos_penalty: Optional[float] = _f(None, "reward penalty for responses that hit max_new_tokens without EOS")
+    critic: Literal["shared", "separate"] = _f("shared", "value head on the actor backbone, or a separate LoRA critic")
+    reward_clip: float = _f(10.0, "clip RM scores to [-c, c]")
+    normalize_reward: bool = _f(True, "standardise RM scores with statistics of the first rollout")
+
+
+@dataclass
+class EvalConfig:
+    n_generation_prompts: int = _f(8, "held-out prompts generated per user for response-length statistics")
+    max_new_tokens: int = _f(64, "greedy generation length limit in evaluation")
+    generation_users: int = _f(0, "seen users generated for (0: all)")
+
+
+@dataclass
+class WandbConfig:
+    project: str = _f("p-rlhf", "wandb project")
+    group: Optional[str] = _f(None, "wandb group: every stage of one experiment shares it")
+    mode: Literal["offline", "online", "disabled"] = _f("offline", "offline writes to run_dir/wandb; `wandb sync` later")
+    name: Optional[str] = _f(None, "wandb run name (default: stage + output folder name)")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("runs/default", "run folder (contract layout)")
+    seed: int = _f(0, "seed of every random choice (init, data order, sampling)")
+    report_to: Literal["wandb", "none"] = _f("wandb", "metrics logging backend")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    user_model: UserModelConfig = field(default_factory=UserModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def iter_keys(cls=Config, prefix: str = ""):
+    """(dotted key, type, default, help) for every leaf key of the schema."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield prefix + f.name, tp, default, f.metadata.get("help", "")
+
+
+def all_keys() -> list[str]:
+    sections = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(_hints(Config)[f.name])]
+    return [k for k, *_ in iter_keys()] + sections
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(key: str, value: Any, tp, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{source}: key '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: key '{key}' must be an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: key '{key}' must be a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{source}: key '{key}' must be a string, got {type(value).__name__} {value!r}")
+    if tp is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{source}: key '{key}' must be a list, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    if not close:  # a typo in the last part only, e.g. `train.max_step`
+        close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.4)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{source}: unknown config key '{key}'{hint} (see --help for every key)")
+
+
+def _build(cls, data: dict, source: str, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: section '{prefix.rstrip('.') or '<top>'}' must be a mapping")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise _unknown(full, source)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, source, full + ".")
+        else:
+            kwargs[key] = _coerce(full, value, tp, source)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `key=value` overrides, type-check and validate. Raises ConfigError."""
+    tree: dict = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of config keys")
+        source = str(p)
+    cfg = _build(Config, tree, source)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key not in [k for k, *_ in iter_keys()]:
+            raise _unknown(key, "command line")
+        merged = to_dict(cfg)
+        _set_dotted(merged, key, value)
+        cfg = _build(Config, merged, "command line")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types cannot express. Raises ConfigError naming the key."""
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"config key '{key}' {msg}")
+
+    um, loss, tr, d, ppo = cfg.user_model, cfg.loss, cfg.train, cfg.data, cfg.ppo
+    need(um.n_tokens > 0, "user_model.n_tokens", f"(T_u) must be > 0, got {um.n_tokens}")
+    need(um.n_clusters > 0, "user_model.n_clusters", f"(K) must be > 0, got {um.n_clusters}")
+    need(um.init_std >= 0, "user_model.init_std", "must be >= 0")
+    need(0.0 <= um.dropout_to_generic < 1.0, "user_model.dropout_to_generic", "must be in [0, 1)")
+    need(um.lr is None or um.lr > 0, "user_model.lr", "must be > 0")
+    need(0.0 <= loss.alpha <= 1.0, "loss.alpha", f"must be in [0, 1], got {loss.alpha}")
+    need(loss.beta > 0, "loss.beta", f"must be > 0, got {loss.beta}")
+    need(0.0 <= loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
+    need(tr.max_steps > 0, "train.max_steps", "must be > 0")
+    need(tr.batch_size > 0, "train.batch_size", "must be > 0")
+    need(tr.grad_accum > 0, "train.grad_accum", "must be > 0")
+    need(tr.lr > 0, "train.lr", "must be > 0")
+    need(tr.save_every >= 0, "train.save_every", "must be >= 0")
+    need(tr.keep_last >= 1, "train.keep_last", "must be >= 1")
+    need(tr.log_every > 0, "train.log_every", "must be > 0")
+    need(tr.device in ("auto", "cpu", "cuda") or tr.device.startswith("cuda:"), "train.device",
+         "must be auto, cpu or cuda[:N]")
+    if tr.deepspeed is not None:
+        need(Path(tr.deepspeed).exists(), "train.deepspeed", f"names a file that does not exist: {tr.deepspeed}")
+    need(d.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
+    need(d.max_response_length > 0, "data.max_response_length", "must be > 0")
+    need(0.0 <= ppo.generic_user_share <= 1.0, "ppo.generic_user_share", "must be in [0, 1]")
+    need(ppo.minibatch_size > 0 and ppo.rollout_batch_size % ppo.minibatch_size == 0, "ppo.minibatch_size",
+         "must be > 0 and divide ppo.rollout_batch_size")
+    need(ppo.max_new_tokens > 0, "ppo.max_new_tokens", "must be > 0")
+    need(ppo.temperature > 0, "ppo.temperature", "must be > 0")
+    need(0 < ppo.top_p <= 1, "ppo.top_p", "must be in (0, 1]")
+    need(ppo.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
+    need(0 <= ppo.gamma <= 1 and 0 <= ppo.lam <= 1, "ppo.gamma", "and ppo.lam must be in [0, 1]")
+
+
+def help_text(stage: str) -> str:
+    lines = [f"Config keys (YAML file via --config, or dotted key=value overrides). Stage: {stage}", ""]
+    for key, tp, default, help_ in iter_keys():
+        lines.append(f"  {key:<34} {_type_name(tp):<28} default {default!r}")
+        lines.append(f"      {help_}")
+    return "\n".join(lines)
+
+
+def config_reference_markdown() -> str:
+    """The table in configs/README.md; a test keeps it in sync with the schema."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, help_ in iter_keys():
+        rows.append(f"| `{key}` | {_type_name(tp).replace('|', 'or')} | `{default!r}` | {help_} |")
+    return "\n".join(rows)

@@ -1,0 +1,31 @@
+"""Print configs/README.md from the config schema: `python -m common.config_doc > configs/README.md`."""
+
+from common.config import config_reference_markdown
+
+HEADER = """# Config reference
+
+Every stage (`train_rm`, `train_pdpo`, `train_ppo`, `evaluate`) reads the same schema: a YAML file given with
+`--config` plus dotted `key=value` overrides on the command line, e.g.
+
+    python -m pipelines.train_rm --config configs/demo/rm.yaml train.max_steps=20 user_model.kind=cluster
+
+Unknown keys, wrong types and out-of-range values fail before any model is loaded, naming the key (and the
+nearest valid key for a typo). `python -m pipelines.train_rm --help` prints the same table.
+
+Shipped configs:
+
+| file | what |
+|---|---|
+| `demo/rm.yaml`, `demo/ppo.yaml`, `demo/pdpo.yaml` | the embedded demo (length-conflict task, `smollm2-135m`) |
+| `tldr_length/*.yaml` | TL;DR length-conflict simulation on real posts (seed section 5.1) |
+| `mtbench/*.yaml` | MT-Bench human judges as users |
+| `summary_prefs/*.yaml` | MTurk summary preferences with demographics as user text |
+| `deepspeed/zero{0,2,3}.json` | DeepSpeed engines (set `train.deepspeed=configs/deepspeed/zero2.json`) |
+
+This table is generated from `common/config.py` (`python -m common.config_doc > configs/README.md`); a test keeps
+it in sync.
+
+"""
+
+if __name__ == "__main__":
+    print(HEADER + config_reference_markdown())

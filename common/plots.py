@@ -1,0 +1,70 @@
+"""PNG plots for run folders and comparison reports (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+GROUP_COLOURS = {"majority": "#4C72B0", "minority": "#DD8452", None: "#8C8C8C"}
+
+
+def per_user_accuracy(metrics: dict, path: Path, title: str) -> Path:
+    users = list(metrics["per_user"])
+    acc = [metrics["per_user"][u]["accuracy"] or 0.0 for u in users]
+    colours = [GROUP_COLOURS.get(metrics["per_user"][u]["group"], "#55A868") for u in users]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(users) + 2), 3.5))
+    ax.bar(range(len(users)), acc, color=colours)
+    if metrics.get("generic") and metrics["generic"]["accuracy"] is not None:
+        ax.axhline(metrics["generic"]["accuracy"], ls="--", color="k", lw=1, label="all pairs as generic user")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(range(len(users)), users, rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def grouped_bars(series: dict[str, dict[str, float]], path: Path, title: str, ylabel: str,
+                 ylim: tuple | None = None) -> Path:
+    """series: {run label: {category: value}} drawn as grouped bars per category."""
+    cats = []
+    for s in series.values():
+        cats += [c for c in s if c not in cats]
+    n = max(len(series), 1)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cats) * max(1, n / 2) + 2), 3.8))
+    for k, (label, values) in enumerate(series.items()):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(cats))]
+        ax.bar(xs, [values.get(c) or 0.0 for c in cats], width, label=label)
+    ax.set_xticks(range(len(cats)), cats, rotation=60, ha="right", fontsize=8)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def training_curve(history: list[dict], path: Path, title: str, key: str = "loss") -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([h["step"] for h in history], [h[key] for h in history], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,173 @@
+"""Run folders (contract layout): set up, load data, build the personalized backbone, save and reload artifacts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.backbone import PersonalizedBackbone, apply_finetune, init_prefix_from_vocab
+from common.config import Config, ConfigError, dump_yaml, load_config
+from common.models import load_causal_lm, model_fingerprint
+from preference_data import DataError, UserVocab, load_records
+from preference_data.io import LoadReport
+from user_models import build_user_model, load_user_model
+
+log = logging.getLogger(__name__)
+
+RUN_INFO = "run.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(dump_yaml(cfg))
+    os.replace(tmp, run_dir / "config.yaml")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    seed_everything(cfg.seed)
+    return run_dir
+
+
+@dataclass
+class Data:
+    train: list
+    eval: list
+    vocab: UserVocab
+    report: dict
+
+
+def load_data(cfg: Config, need_train: bool = True) -> Data:
+    """Read and validate train/eval records before any model is loaded."""
+    d = cfg.data
+    if need_train and not d.train_path:
+        raise ConfigError("config key 'data.train_path' is required for training")
+    report = {}
+    train, evals = [], []
+    if d.train_path:
+        rep = LoadReport(d.train_path)
+        train = load_records(d.train_path, on_error=d.on_error, report=rep)
+        if d.max_train_records:
+            train = train[: d.max_train_records]
+        report["train"] = {"read": rep.n_read, "kept": len(train), "skipped": len(rep.skipped)}
+        if need_train and not train:
+            raise DataError(f"{d.train_path}: no training records left after filtering "
+                            f"({rep.n_read} read, {len(rep.skipped)} skipped)")
+    if d.eval_path:
+        rep = LoadReport(d.eval_path)
+        evals = load_records(d.eval_path, on_error=d.on_error, report=rep)
+        if d.max_eval_records:
+            evals = evals[: d.max_eval_records]
+        report["eval"] = {"read": rep.n_read, "kept": len(evals), "skipped": len(rep.skipped)}
+    vocab = UserVocab.from_records(train)
+    unseen = sorted({r.user_id for r in evals if r.user_id is not None and r.user_id not in vocab})
+    if unseen:
+        log.warning("%d held-out user(s) are absent from training and are scored as the generic user 0: %s",
+                    len(unseen), unseen[:10])
+        report["unseen_eval_users"] = unseen
+    return Data(train, evals, vocab, report)
+
+
+def build_backbone(cfg: Config, n_users: int, device: torch.device):
+    """(backbone, tokenizer): the causal LM with `model.finetune` applied and a fresh user model."""
+    lm, tokenizer = load_causal_lm(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision)
+    embed = lm.get_input_embeddings()
+    um = cfg.user_model
+    init = init_prefix_from_vocab(embed, um.n_tokens, cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 17)
+        user_model = build_user_model(um.kind, n_users, um.n_tokens, embed.embedding_dim, um.n_clusters,
+                                      um.use_text, init=init, init_std=um.init_std * float(embed.weight.detach().std()))
+    lm = apply_finetune(lm, cfg.model)
+    backbone = PersonalizedBackbone(lm, user_model).to(device)
+    backbone.keep_frozen_reference()
+    return backbone, tokenizer
+
+
+def write_run_info(run_dir: Path, cfg: Config, stage: str, backbone: PersonalizedBackbone, vocab: UserVocab,
+                   extra: dict | None = None) -> None:
+    info = {"stage": stage, "model_name": cfg.model.name, "model": model_fingerprint(backbone.base_lm),
+            "n_users": len(vocab), "user_model": backbone.user_model.describe(), **(extra or {})}
+    tmp = run_dir / (RUN_INFO + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, run_dir / RUN_INFO)
+
+
+def save_artifacts(run_dir: Path, backbone: PersonalizedBackbone, heads: dict[str, torch.nn.Module]) -> Path:
+    """Final artifacts in `checkpoint/`: user model, PEFT adapter, head weights (all safetensors), atomically."""
+    import shutil
+    from safetensors.torch import save_file
+
+    final = run_dir / "checkpoint"
+    tmp = run_dir / ".tmp-checkpoint"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    backbone.user_model.save(tmp)
+    backbone.save_llm(tmp)
+    for name, head in heads.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+                  str(tmp / f"{name}_head.safetensors"))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
+    return load_config(run_dir / "config.yaml")
+
+
+def load_backbone_from_run(run_dir: str | Path, device: torch.device, cfg: Config | None = None):
+    """(cfg, backbone, tokenizer, vocab, info) of a finished run, refusing mismatched pieces."""
+    run_dir = Path(run_dir)
+    cfg = cfg or load_run_config(run_dir)
+    ckpt = run_dir / "checkpoint"
+    if not (ckpt / "user_model.json").exists():
+        raise FileNotFoundError(f"{run_dir}: run has no final checkpoint/ (did training finish?)")
+    info = json.loads((run_dir / RUN_INFO).read_text())
+    vocab = UserVocab.load(run_dir / "users.json")
+    user_model = load_user_model(ckpt)
+    if user_model.n_users != len(vocab):
+        raise ValueError(f"{run_dir}: user model has {user_model.n_users} users but users.json has {len(vocab)}: "
+                         "the user vocabulary does not belong to this user model")
+    lm, tokenizer = load_causal_lm(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision)
+    fp = model_fingerprint(lm)
+    if fp != info["model"]:
+        raise ValueError(f"{run_dir}: trained on model {info['model_name']} {info['model']}, "
+                         f"but model.name={cfg.model.name} gives {fp}")
+    lm = apply_finetune(lm, cfg.model)
+    backbone = PersonalizedBackbone(lm, user_model)
+    backbone.keep_frozen_reference()  # full fine-tune: copy the base weights *before* loading the trained ones
+    backbone.load_llm(ckpt)
+    backbone.to(device).eval()
+    return cfg, backbone, tokenizer, vocab, info
+
+
+def load_head(run_dir: Path, name: str, head: torch.nn.Module) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    head.load_state_dict(load_file(str(Path(run_dir) / "checkpoint" / f"{name}_head.safetensors")))
+    return head

@@ -1,0 +1,163 @@
+"""The training loop shared by `train_rm` and `train_pdpo` (PPO has its own, see `policy/ppo`).
+
+A stage hands over its trainable module, its parameter groups and a `loss_fn(step, micro)`; the loop does the
+rest, the same way for both: gradient accumulation, LR schedule, clipping, a DeepSpeed engine when configured,
+progress bar, logging every N steps, eval every N steps, atomic checkpoints every N steps and exact resume.
+Data order is a pure function of (seed, step), so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from common import checkpoint as ckpt
+from common.config import Config
+from common.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int, micro: int, grad_accum: int) -> list[int]:
+    """Indices of micro-batch `micro` of optimizer step `step`: epochs are seeded permutations of range(n)."""
+    per_epoch = max(n // batch_size, 1)
+    k = step * grad_accum + micro  # global micro-batch number
+    epoch, pos = divmod(k, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    chunk = perm[pos * batch_size:(pos + 1) * batch_size]
+    if len(chunk) < batch_size:  # fewer records than a batch: wrap around
+        chunk = (perm * math.ceil(batch_size / max(n, 1)))[:batch_size]
+    return chunk
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(total - warmup, 1)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(param_groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
+    groups = [g for g in param_groups if g["params"]]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+
+
+def deepspeed_engine(module: torch.nn.Module, optimizer, cfg: Config):
+    """Wrap module + optimizer in a DeepSpeed engine (single process works on CPU over gloo)."""
+    import json
+    import os
+
+    for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                         ("MASTER_PORT", "29531")):
+        os.environ.setdefault(var, default)
+    import deepspeed
+
+    ds_cfg = json.loads(Path(cfg.train.deepspeed).read_text())
+    ds_cfg["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    ds_cfg["gradient_accumulation_steps"] = 1  # the loop accumulates itself and steps the engine once per step
+    ds_cfg.pop("train_batch_size", None)
+    ds_cfg["gradient_clipping"] = cfg.train.max_grad_norm
+    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
+    return engine, optimizer
+
+
+@dataclass
+class TrainLoop:
+    cfg: Config
+    run_dir: Path
+    module: torch.nn.Module  # owns every trainable parameter
+    param_groups: list[dict]
+    loss_fn: Callable[[int, int], tuple[torch.Tensor, dict]]  # (step, micro) -> (loss, stats)
+    eval_fn: Callable[[int], dict] | None = None
+    tracker: Tracker | None = None
+    desc: str = "train"
+    history: list[dict] = field(default_factory=list)
+
+    def run(self) -> dict:
+        cfg, tr = self.cfg, self.cfg.train
+        optimizer = make_optimizer(self.param_groups, cfg)
+        engine = None
+        if tr.deepspeed:
+            engine, optimizer = deepspeed_engine(self.module, optimizer, cfg)
+        ckpt_root = self.run_dir / "checkpoints"
+        start = 0
+        if tr.resume == "auto" and (latest := ckpt.latest_checkpoint(ckpt_root)) is not None:
+            state, _ = ckpt.load_checkpoint(latest, self.module, optimizer, engine)
+            start = state["step"]
+            self.history = state.get("history", [])
+            log.info("resumed from %s (step %d)", latest, start)
+        self.module.train()
+        n_params = sum(p.numel() for g in self.param_groups for p in g["params"])
+        bar = tqdm(range(start, tr.max_steps), desc=self.desc, initial=start, total=tr.max_steps, dynamic_ncols=True)
+        t_start, tokens = time.time(), 0
+        last = {}
+        for step in bar:
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * lr_factor(step, tr.warmup_steps, tr.max_steps, tr.lr_scheduler)
+            stats_sum: dict[str, float] = {}
+            loss_sum = 0.0
+            for micro in range(tr.grad_accum):
+                loss, stats = self.loss_fn(step, micro)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss is {loss.item()} at step {step + 1} (micro-batch {micro}); stopping "
+                                        "without writing a checkpoint. Lower train.lr or check the data.")
+                scaled = loss / tr.grad_accum
+                if engine is not None:
+                    engine.backward(scaled)
+                else:
+                    scaled.backward()
+                loss_sum += loss.item() / tr.grad_accum
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / tr.grad_accum
+                tokens += int(stats.get("tokens", 0))
+            if engine is not None:
+                engine.step()
+            else:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                if tr.max_grad_norm > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+                    stats_sum["grad_norm"] = float(norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            last = {"train/loss": loss_sum, **{f"train/{k}": v for k, v in stats_sum.items()},
+                    "train/lr": optimizer.param_groups[0]["lr"]}
+            bar.set_postfix(loss=f"{loss_sum:.4f}")
+            if done % tr.log_every == 0 or done == tr.max_steps:
+                elapsed = time.time() - t_start
+                last["train/tokens_per_s"] = tokens / max(elapsed, 1e-9)
+                self.history.append({"step": done, "loss": loss_sum})
+                if self.tracker:
+                    self.tracker.log(last, step=done)
+            if self.eval_fn and tr.eval_every and done % tr.eval_every == 0 and done < tr.max_steps:
+                self.module.eval()
+                metrics = self.eval_fn(done)
+                self.module.train()
+                if self.tracker:
+                    self.tracker.log(metrics, step=done)
+            if tr.save_every and done % tr.save_every == 0 and done < tr.max_steps:
+                ckpt.save_checkpoint(ckpt_root, done, self.module, optimizer, extra={"history": self.history},
+                                     keep_last=tr.keep_last, engine=engine)
+        bar.close()
+        self.module.eval()
+        wall = time.time() - t_start
+        return {"final_loss": last.get("train/loss"), "wall_s": wall, "steps": tr.max_steps,
+                "resumed_from": start, "trainable_parameters": n_params, "last": last}

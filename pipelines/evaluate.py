@@ -1,0 +1,198 @@
+"""`python -m pipelines.evaluate --run RUN_DIR --data FILE.jsonl [--out DIR] [key=value ...]`
+
+Scores a comparison file with a finished run of any route and writes the contract's metrics.json, per-user plots
+and a short report. RM route: r(x, y_w, u) > r(x, y_l, u). DPO and PPO routes: the implicit reward
+beta * log pi(y|x,u) / pi_ref(y|x). Unseen users are scored with the generic embedding and reported as unseen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import plots
+from common.batching import PairEncoder
+from common.config import ConfigError, help_text, load_config, parse_override
+from common.metrics import accuracy_metrics, user_key
+from common.run import load_backbone_from_run, load_head, pick_device, seed_everything
+from common.tracking import Tracker
+from preference_data import DataError, load_records
+from preference_data.vocab import UserVocab
+
+log = logging.getLogger(__name__)
+
+
+def _route(info: dict) -> str:
+    return info.get("route") or {"train_rm": "rm", "train_pdpo": "dpo", "train_ppo": "ppo"}[info["stage"]]
+
+
+def _generation_users(records, vocab: UserVocab, limit: int) -> dict[str, int]:
+    users = []
+    for r in records:
+        if r.user_id is not None and r.user_id in vocab and r.user_id not in users:
+            users.append(r.user_id)
+    users = sorted(users, key=lambda u: vocab.index(u))
+    if limit:
+        users = users[:limit]
+    return {**{u: vocab.index(u) for u in users}, "<generic>": 0}
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path | None = None,
+                 overrides: list[str] | None = None, tracker: Tracker | None = None) -> dict:
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    out = Path(out) if out else run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    records = data if isinstance(data, list) else load_records(data, on_error=cfg.data.on_error)
+    if not records:
+        raise DataError(f"{data}: no records to evaluate")
+    seed_everything(cfg.seed)
+    device = pick_device(cfg)
+    t0 = time.time()
+    cfg, backbone, tokenizer, vocab, info = load_backbone_from_run(run_dir, device, cfg)
+    route = _route(info)
+    encoder = PairEncoder.from_config(tokenizer, cfg)
+    pairs = encoder.encode_all(records, vocab, str(data) if not isinstance(data, list) else "eval")
+    pad_id, bs = tokenizer.pad_token_id, cfg.train.eval_batch_size
+    generation = None
+    if route == "rm":
+        from reward.model import PersonalizedRewardModel
+        from reward.scoring import reward_margins
+
+        rm = PersonalizedRewardModel(backbone)
+        load_head(run_dir, "score", rm.score)
+        rm.to(device).eval()
+        margins = reward_margins(rm, pairs, pad_id, bs, device)
+        generic = reward_margins(rm, pairs, pad_id, bs, device, as_generic=True)
+    else:
+        from policy.generation import generate_per_user
+        from policy.model import PersonalizedPolicy
+        from policy.scoring import implicit_reward_margins, pair_logps
+
+        policy = PersonalizedPolicy(backbone).to(device).eval()
+        ref_w, ref_l = pair_logps(policy, pairs, pad_id, bs, device, reference=True)
+        pol_w, pol_l = pair_logps(policy, pairs, pad_id, bs, device)
+        gen_w, gen_l = pair_logps(policy, pairs, pad_id, bs, device, as_generic=True)
+        margins = implicit_reward_margins(pol_w, pol_l, ref_w, ref_l, cfg.loss.beta)
+        generic = implicit_reward_margins(gen_w, gen_l, ref_w, ref_l, cfg.loss.beta)
+        if cfg.eval.n_generation_prompts > 0:
+            prompts = list(dict.fromkeys(r.prompt for r in records))[: cfg.eval.n_generation_prompts]
+            users = _generation_users(records, vocab, cfg.eval.generation_users)
+            generation = generate_per_user(policy, encoder, prompts, users, cfg.eval.max_new_tokens, pad_id, bs)
+            if route == "ppo":
+                generation["rm_reward"] = _rm_rewards_of_generations(cfg, generation, users, device)
+    words = (generation or {}).get("users", {})
+    metrics = accuracy_metrics(route, records, vocab, margins, generic, response_words=words)
+    if generation is not None:
+        metrics["generation"] = generation
+        groups = {u: v["group"] for u, v in metrics["per_user"].items()}
+        by_group: dict[str, list] = {}
+        for u, w in words.items():
+            if groups.get(u) is not None:
+                by_group.setdefault(groups[u], []).append(w)
+        metrics["generation"]["per_group"] = {g: sum(v) / len(v) for g, v in by_group.items()}
+    metrics["run"] = str(run_dir)
+    metrics["data"] = str(data) if not isinstance(data, list) else "<records>"
+    metrics["wall_s"] = time.time() - t0
+    _write(out, metrics, route, run_dir)
+    own_tracker = tracker is None
+    tracker = tracker or Tracker(cfg, out, job_type="eval")
+    log_metrics(tracker, metrics)
+    if own_tracker:
+        tracker.finish()
+    return metrics
+
+
+def _rm_rewards_of_generations(cfg, generation, users, device) -> dict:
+    """Mean RM reward of each user's greedy responses, scored for that user (PPO runs)."""
+    try:
+        from policy.ppo.roles import load_reward_role
+    except ImportError:
+        return {}
+    reward = load_reward_role(cfg.ppo.rm_run, device)
+    return reward.score_texts_per_user(generation, users) if hasattr(reward, "score_texts_per_user") else {}
+
+
+def log_metrics(tracker: Tracker, metrics: dict) -> None:
+    flat = {"eval/accuracy/overall": metrics["overall"]["accuracy"]}
+    if metrics.get("generic"):
+        flat["eval/accuracy/generic"] = metrics["generic"]["accuracy"]
+    for u, v in metrics["per_user"].items():
+        flat[f"eval/accuracy/user/{u}"] = v["accuracy"]
+        if v.get("mean_response_words") is not None:
+            flat[f"eval/response_words/user/{u}"] = v["mean_response_words"]
+    for g, v in metrics["per_group"].items():
+        flat[f"eval/accuracy/group/{g}"] = v["accuracy"]
+    gen = metrics.get("generation") or {}
+    for label, w in gen.get("users", {}).items():
+        flat[f"eval/response_words/user/{label}"] = w
+    tracker.log(flat)
+    tracker.summary(flat)
+    rows = [[u, v["accuracy"], v["n"], v["seen"], v["group"], v.get("mean_response_words")]
+            for u, v in metrics["per_user"].items()]
+    tracker.log_table("eval/per_user", ["user", "accuracy", "n", "seen", "group", "mean_response_words"], rows)
+    tracker.log_bar("eval/per_user_accuracy_chart", [r[0] for r in rows], [r[1] or 0.0 for r in rows],
+                    f"per-user accuracy ({metrics['route']})")
+
+
+def _write(out: Path, metrics: dict, route: str, run_dir: Path) -> None:
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp, out / "metrics.json")
+    pngs = [plots.per_user_accuracy(metrics, out / "plots" / "per_user_accuracy.png",
+                                    f"{run_dir.name}: per-user accuracy ({route})")]
+    gen = metrics.get("generation")
+    if gen:
+        pngs.append(plots.grouped_bars({"greedy response": gen["users"]}, out / "plots" / "response_words.png",
+                                       f"{run_dir.name}: mean response length per user", "words"))
+    lines = [f"# Evaluation of `{run_dir}` ({route} route)", "",
+             f"Data: `{metrics['data']}`; overall accuracy {_fmt(metrics['overall']['accuracy'])} "
+             f"(n={metrics['overall']['n']}); every pair as the generic user: "
+             f"{_fmt((metrics.get('generic') or {}).get('accuracy'))}.", "",
+             "| group | accuracy | n |", "|---|---|---|"]
+    lines += [f"| {g} | {_fmt(v['accuracy'])} | {v['n']} |" for g, v in metrics["per_group"].items()]
+    lines += ["", "| user | seen | group | accuracy | n | mean response words |", "|---|---|---|---|---|---|"]
+    for u, v in metrics["per_user"].items():
+        lines.append(f"| {u} | {v['seen']} | {v['group']} | {_fmt(v['accuracy'])} | {v['n']} | "
+                     f"{_fmt(v.get('mean_response_words'), 1)} |")
+    if gen:
+        lines += ["", "Greedy response length (words) per user, generic user and reference:", "",
+                  "| user | words |", "|---|---|"]
+        lines += [f"| {u} | {w:.1f} |" for u, w in gen["users"].items()]
+    lines += [""] + [f"![{p.stem}](plots/{p.name})" for p in pngs]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
+                                     epilog=help_text("evaluate"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="finished run folder (any route)")
+    parser.add_argument("--data", required=True, help="comparison file (contract record)")
+    parser.add_argument("--out", help="output folder (default RUN_DIR/eval)")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
+    args = parser.parse_args(argv)
+    from pipelines._cli import setup_logging
+
+    setup_logging()
+    try:
+        m = evaluate_run(args.run, args.data, args.out, args.overrides)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"overall": m["overall"], "per_group": m["per_group"], "generic": m["generic"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""`python -m pipelines.train_ppo --config configs/<name>.yaml [dotted.key=value ...]`
+
+RLHF with PPO against a frozen personalized reward model (`ppo.rm_run`, a finished train_rm run). The actor is
+the personalized policy pi_P(y | x, u) (user soft prompt + LoRA) whose users are the RM's users (same
+users.json); each rollout sample is generated for one user (or the generic user 0) and scored by the RM for that
+user. Prompts are the distinct prompts of `data.train_path`. `train.max_steps` counts PPO iterations.
+
+Writes the contract's run folder plus `ppo_history.json` (per iteration: mean RM reward and response words per
+user); with `data.eval_path` also the per-user evaluation (eval/metrics.json, metrics.json).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from common import plots
+from common.config import Config
+from common.run import load_data, pick_device, prepare_run_dir, save_artifacts, write_run_info
+from common.tracking import Tracker
+from pipelines._cli import stage_main
+from preference_data.vocab import UserVocab
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config) -> dict:
+    from policy.ppo.roles import VALUE_HEAD, build_roles, check_rm_run, load_reward_role
+    from policy.ppo.trainer import PPOTrainer
+
+    rm_run = check_rm_run(cfg.ppo.rm_run)  # a clear error naming ppo.rm_run before any model is loaded
+    data = load_data(cfg)
+    vocab = UserVocab.load(rm_run / "users.json")  # the actor's users are the RM's users
+    prompts = list(dict.fromkeys(r.prompt for r in data.train))
+    user_texts: dict[str, str] = {}
+    for r in data.train:
+        if r.user_id is not None and r.user_text and r.user_id not in user_texts:
+            user_texts[r.user_id] = r.user_text
+    unknown = sorted({r.user_id for r in data.train if r.user_id is not None and r.user_id not in vocab})
+    if unknown:
+        log.warning("%d user(s) of data.train_path are not users of the RM run (their prompts are still used): %s",
+                    len(unknown), unknown[:10])
+    log.info("PPO on %d distinct prompts, %d RM users + the generic user", len(prompts), len(vocab))
+
+    run_dir = prepare_run_dir(cfg)
+    vocab.save(run_dir / "users.json")
+    device = pick_device(cfg)
+    t0 = time.time()
+    reward = load_reward_role(rm_run, device)
+    modules, actor, critic, reference, tokenizer = build_roles(cfg, len(vocab), device)
+    tracker = Tracker(cfg, run_dir, job_type="ppo")
+    trainer = PPOTrainer(cfg, run_dir, modules, actor, critic, reference, reward, tokenizer, vocab, prompts,
+                         user_texts=user_texts, tracker=tracker, device=device)
+    result = trainer.train()
+
+    with trainer.gathered_parameters():
+        save_artifacts(run_dir, modules.actor, {VALUE_HEAD: modules.value_head})
+        if modules.critic is not None:  # separate critic: its own user model and adapter, next to the actor's
+            critic_dir = run_dir / "checkpoint" / "critic"
+            modules.critic.user_model.save(critic_dir)
+            modules.critic.save_llm(critic_dir)
+    n_trainable = sum(p.numel() for p in modules.parameters() if p.requires_grad)
+    last = result["last"]
+    train = {"final_loss": last.get("loss/total"), "steps": result["iterations"], "wall_s": result["wall_s"],
+             "resumed_from": result["resumed_from"], "final_reward": last.get("reward/mean"),
+             "final_kl": last.get("kl/seq"), "kl_coef": result["kl_coef"], "reward_stats": result["reward_stats"]}
+    cost = {"wall_s": time.time() - t0, "train_wall_s": result["wall_s"], "trainable_parameters": n_trainable,
+            "user_model_parameters": modules.actor.user_model.num_parameters(),
+            "llm_parameters": sum(p.numel() for p in modules.actor.lm.parameters()),
+            "tokens_per_s": last.get("perf/train_tokens_per_s"),
+            "rollout_tokens_per_s": last.get("perf/rollout_tokens_per_s")}
+    write_run_info(run_dir, cfg, "train_ppo", modules.actor, vocab,
+                   extra={"route": "ppo", "rm_run": str(rm_run.resolve()), "critic": cfg.ppo.critic,
+                          "train": train, "cost": cost, "data": data.report})
+    _plots(run_dir, trainer.history)
+    metrics = {"train": train, "cost": cost}
+    del trainer, modules, actor, critic, reference, reward
+    if data.eval:
+        from pipelines.evaluate import evaluate_run
+
+        metrics["eval"] = evaluate_run(run_dir, data.eval, run_dir / "eval", tracker=tracker)
+    from pipelines.train_rm import _finish
+
+    _finish(run_dir, metrics, tracker)
+    with (run_dir / "report.md").open("a") as fh:
+        fh.write("\n![mean RM reward per user](plots/ppo_reward.png)\n"
+                 "![response words per user](plots/ppo_words.png)\n")
+    return metrics
+
+
+def _plots(run_dir, history: list[dict]) -> None:
+    if not history:
+        return
+    plots.training_curve([{"step": h["iteration"], "loss": h.get("loss", 0.0)} for h in history],
+                         run_dir / "plots" / "train_loss.png", "train_ppo loss (policy + vf_coef * value)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, name, ylabel in (("reward", "ppo_reward.png", "mean RM reward"),
+                              ("response_words", "ppo_words.png", "response words")):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        users = sorted({u for h in history for u in h[key]})
+        for u in users:
+            pts = [(h["iteration"], h[key][u]) for h in history if u in h[key]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=u)
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"train_ppo: {ylabel} per user")
+        if len(users) <= 12:
+            ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+        fig.savefig(run_dir / "plots" / name, dpi=100)
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    return stage_main("train_ppo", __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

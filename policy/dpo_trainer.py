@@ -1,0 +1,97 @@
+"""P-DPO training: cached reference log-probs, one concatenated policy forward per step, on `common.trainer`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from common.batching import EncodedPair, collate_pairs, concat_batches
+from common.config import Config
+from common.trainer import TrainLoop, batch_indices
+from policy.dpo_loss import personalized_dpo_loss, stochastic_dpo_loss, stochastic_generic_mask
+from policy.model import PersonalizedPolicy
+from policy.scoring import pair_logps
+from reward.trainer import drop_to_generic, param_groups
+
+log = logging.getLogger(__name__)
+
+
+def _pairs_digest(pairs: list[EncodedPair]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_reference_logps(policy: PersonalizedPolicy, pairs: list[EncodedPair], pad_id: int, batch_size: int,
+                           device, cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_SFT(y_w|x), log pi_SFT(y_l|x) for every pair, computed once. They depend neither on the user nor on
+    training, so they are stored beside the run (keyed by the token ids) and reused on resume."""
+    digest = _pairs_digest(pairs)
+    if cache is not None and cache.exists():
+        stored = load_file(str(cache))
+        if "digest" in stored and bytes(stored["digest"].tolist()).decode() == digest:
+            return stored["chosen"], stored["rejected"]
+    with tqdm(total=len(pairs), desc="reference log-probs", dynamic_ncols=True) as bar:
+        chosen, rejected = pair_logps(policy, pairs, pad_id, batch_size, device, reference=True, progress=bar)
+    if cache is not None:
+        tmp = cache.with_name(cache.name + ".tmp")
+        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous(),
+                   "digest": torch.tensor(list(digest.encode()), dtype=torch.uint8)}, str(tmp))
+        tmp.replace(cache)
+    return chosen, rejected
+
+
+class PersonalizedDPOTrainer:
+    def __init__(self, cfg: Config, policy: PersonalizedPolicy, train_pairs: list[EncodedPair], pad_id: int,
+                 device, run_dir: Path, tracker=None, eval_fn=None):
+        self.cfg, self.policy, self.pairs, self.pad_id, self.device = cfg, policy, train_pairs, pad_id, device
+        self.ref_chosen, self.ref_rejected = cached_reference_logps(
+            policy, train_pairs, pad_id, cfg.train.eval_batch_size, device, Path(run_dir) / "ref_logps.safetensors")
+        self.loop = TrainLoop(cfg, run_dir, policy, param_groups(policy, policy.backbone, cfg, []), self.loss,
+                              eval_fn=eval_fn, tracker=tracker, desc="train_pdpo")
+
+    def loss(self, step: int, micro: int):
+        cfg, tr, lc = self.cfg, self.cfg.train, self.cfg.loss
+        idx = batch_indices(len(self.pairs), tr.batch_size, cfg.seed, step, micro, tr.grad_accum)
+        chunk = [self.pairs[i] for i in idx]
+        B = len(chunk)
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step * 131 + micro)
+        batch = collate_pairs(chunk, self.pad_id)
+        users = drop_to_generic(batch["user_idx"][:B], cfg.user_model.dropout_to_generic, g)
+        ref_w, ref_l = self.ref_chosen[idx].to(self.device), self.ref_rejected[idx].to(self.device)
+        alpha = lc.alpha
+        if lc.estimator == "stochastic" and 0 < alpha < 1:
+            users = torch.where(stochastic_generic_mask(B, alpha, g), torch.zeros_like(users), users)
+            batch["user_idx"] = users.repeat(2)
+            lp = self.policy.sequence_logps(_to(batch, self.device))
+            loss, stats = stochastic_dpo_loss(lp[:B], lp[B:], ref_w, ref_l, lc.beta, lc.loss_type, lc.label_smoothing)
+            n_rows = 2 * B
+        elif alpha >= 1.0 or alpha <= 0.0:
+            batch["user_idx"] = (users if alpha >= 1.0 else torch.zeros_like(users)).repeat(2)
+            lp = self.policy.sequence_logps(_to(batch, self.device))
+            loss, stats = personalized_dpo_loss(lp[:B], lp[B:], None, None, ref_w, ref_l, 1.0, lc.beta,
+                                                lc.loss_type, lc.label_smoothing)
+            n_rows = 2 * B
+        else:
+            batch["user_idx"] = users.repeat(2)
+            both = concat_batches(batch, {**batch, "user_idx": torch.zeros_like(batch["user_idx"])}, self.pad_id)
+            lp = self.policy.sequence_logps(_to(both, self.device))  # [user w, user l, generic w, generic l]
+            loss, stats = personalized_dpo_loss(lp[:B], lp[B:2 * B], lp[2 * B:3 * B], lp[3 * B:], ref_w, ref_l,
+                                                alpha, lc.beta, lc.loss_type, lc.label_smoothing)
+            n_rows = 4 * B
+        stats["tokens"] = int(batch["attention_mask"].sum()) * n_rows // (2 * B)
+        return loss, stats
+
+    def train(self) -> dict:
+        return self.loop.run()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}

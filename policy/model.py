@@ -1,0 +1,97 @@
+"""The personalized policy: sequence log-probs under [user prefix, prompt, response] and batched generation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.backbone import PersonalizedBackbone
+from common.batching import pad
+from user_models import prepend_prefix
+
+
+def response_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
+                   return_per_token: bool = False):
+    """Sum over response tokens of log p(token). The LM head runs only on positions that predict a label: with a
+    49k vocabulary it is most of the cost, and prompt positions do not need it."""
+    target = labels[:, 1:]
+    is_label = target != -100
+    rows, cols = is_label.nonzero(as_tuple=True)
+    logits = lm_head(hidden[:, :-1][rows, cols]).float()
+    token_logp = torch.log_softmax(logits, -1).gather(-1, target[rows, cols].unsqueeze(-1)).squeeze(-1)
+    per_seq = torch.zeros(labels.shape[0], dtype=token_logp.dtype, device=hidden.device)
+    per_seq = per_seq.index_add(0, rows, token_logp)
+    if return_per_token:
+        dense = torch.zeros(target.shape, dtype=token_logp.dtype, device=hidden.device)
+        dense[rows, cols] = token_logp
+        return per_seq, dense, logits, (rows, cols)
+    return per_seq
+
+
+class PersonalizedPolicy(nn.Module):
+    def __init__(self, backbone: PersonalizedBackbone):
+        super().__init__()
+        self.backbone = backbone
+
+    @property
+    def user_model(self):
+        return self.backbone.user_model
+
+    def sequence_logps(self, batch: dict) -> torch.Tensor:
+        """log pi_P(y | x, u) for every row, with that row's user."""
+        hidden, inputs = self.backbone.hidden_states(batch)
+        return response_logps(hidden, inputs.labels, self.backbone.lm_head)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """log pi_SFT(y | x): adapters off and no user prefix, whatever the row's user."""
+        with self.backbone.reference() as ref_lm:
+            hidden, inputs = self.backbone.hidden_states(batch, use_prefix=False, lm=ref_lm)
+            return response_logps(hidden, inputs.labels, ref_lm.lm_head)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], user_idx: torch.Tensor, texts: list[list[int]] | None = None,
+                 pad_id: int = 0, use_prefix: bool = True, reference: bool = False, **gen_kwargs) -> list[list[int]]:
+        """Batched generation with the KV cache; left-padded rows laid out [pads, prefix, prompt].
+
+        Returns the new tokens of each row, cut after its first EOS. `reference=True` samples pi_SFT.
+        """
+        device = next(self.backbone.lm.parameters()).device
+        input_ids = pad(prompts, pad_id, side="left").to(device)
+        mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(device)
+        texts = texts or [[] for _ in prompts]
+        text_ids = pad(texts, pad_id).to(device)
+        text_mask = pad([[1] * len(t) for t in texts], 0).to(device)
+        ctx = self.backbone.reference() if reference else _null(self.backbone.base_lm)
+        with ctx as lm:
+            embed = lm.get_input_embeddings()
+            token_embeds = embed(input_ids)
+            if use_prefix and not reference:
+                prefix = self.backbone.user_model(user_idx.to(device), text_ids, text_mask, embed_tokens=embed)
+                inputs = prepend_prefix(prefix.embeds, prefix.mask, token_embeds, mask, padding_side="left")
+                embeds, attn = inputs.inputs_embeds, inputs.attention_mask
+            else:
+                embeds, attn = token_embeds, mask
+            out = lm.generate(inputs_embeds=embeds, attention_mask=attn, pad_token_id=pad_id, **gen_kwargs)
+        eos = gen_kwargs.get("eos_token_id", lm.generation_config.eos_token_id)
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        results = []
+        for row in out.tolist():
+            cut = []
+            for t in row:
+                cut.append(t)
+                if t in eos_ids:
+                    break
+            results.append(cut)
+        return results
+
+
+class _null:
+    def __init__(self, value):
+        self.value = value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,173 @@
+"""The arithmetic of PPO for language models, as plain tensor functions (no models, no state but the KL controller).
+
+Conventions: every per-token tensor is [B, T] over the *response* tokens of B samples, right-padded, with `mask`
+1 on real response tokens (the EOS included when the response has one) and 0 on padding. Position t of `values`
+is V(s_t), the value of the state *before* token t is emitted (prefix, prompt and y_<t), read at the same position
+as the logits that predict token t. An episode ends after its last real token: nothing is bootstrapped past it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    x = x * mask
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean over the real positions (token-level mean when dim is None)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the real positions; padding stays 0. `shift_mean=False` only rescales."""
+    mask = mask.to(x.dtype)
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded response tokens.
+
+    delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t,   A_t = delta_t + gamma * lam * m_{t+1} * A_{t+1};
+    returns R_t = A_t + V_t (the value targets). Both are 0 on padding.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    B, T = rewards.shape
+    adv = torch.zeros_like(values)
+    last = torch.zeros(B, dtype=values.dtype, device=values.device)
+    for t in reversed(range(T)):
+        if t + 1 < T:
+            next_value, next_mask = values[:, t + 1], mask[:, t + 1]
+        else:
+            next_value = next_mask = torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value * next_mask - values[:, t]
+        last = delta + gamma * lam * next_mask * last
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def per_token_kl_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                         score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards [B, T], kl [B, T]): r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t)), plus the sequence score at the
+    last real response token of each row (Ziegler et al. 2019; InstructGPT). `kl` is the per-token k1 estimate of
+    KL(pi || pi_ref) on the sampled tokens; its row sums are the sequence KL."""
+    mask = mask.to(logp.dtype)
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    has_tokens = mask.sum(1) > 0
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards = rewards.clone()
+    rewards[rows, last] += score.to(rewards.dtype) * has_tokens.to(rewards.dtype)
+    return rewards, kl
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                        clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO-clip surrogate (Schulman et al. 2017), token-level mean over the real tokens.
+
+    Returns (loss, clipfrac, approx_kl): clipfrac is the share of tokens where the clipped term is the active one;
+    approx_kl the k3 estimate mean((r - 1) - log r) of KL(pi_old || pi) (non-negative, unbiased).
+    """
+    mask = mask.to(logp.dtype)
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).to(logp.dtype), mask)
+        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * mean(max((V - R)^2, (V_clip - R)^2)) with V_clip = V_old + clamp(V - V_old, -clip, clip).
+
+    Returns (loss, clipfrac): the share of tokens where the clipped error is the larger one."""
+    mask = mask.to(values.dtype)
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    err = (values - returns) ** 2
+    err_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((err_clipped > err).to(values.dtype), mask)
+    return loss, clipfrac
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dimension: logsumexp(z) - sum softmax(z) * z."""
+    logits = logits.float()
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+
+
+class FixedKLController:
+    """kl_coef stays where the config put it."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"kind": "fixed", "value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): move kl_coef towards `target` sequence KL.
+
+    e = clip(KL / target - 1, -0.2, 0.2);  kl_coef <- kl_coef * (1 + e * n_steps / horizon).
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError("the adaptive KL controller needs target > 0 and horizon > 0")
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if not math.isfinite(current_kl):
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"kind": "adaptive", "value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+        self.target = float(state.get("target", self.target))
+        self.horizon = int(state.get("horizon", self.horizon))
+
+
+def make_kl_controller(ppo_cfg) -> FixedKLController | AdaptiveKLController:
+    if ppo_cfg.adaptive_kl:
+        return AdaptiveKLController(ppo_cfg.kl_coef, ppo_cfg.target_kl, ppo_cfg.kl_horizon)
+    return FixedKLController(ppo_cfg.kl_coef)

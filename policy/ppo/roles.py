@@ -1,0 +1,339 @@
+"""The four roles of RLHF-PPO as separate, named objects.
+
+- `Actor`: the personalized policy pi_P(y | x, u) (user prefix + LoRA): sampling and per-token log-probs.
+- `Critic`: a value head nn.Linear(d, 1) read on the hidden states of [prefix, prompt, response], either on the
+  actor's backbone (`ppo.critic=shared`: one forward serves both) or on a backbone of its own (`separate`: own
+  LoRA, own user model).
+- `Reference`: pi_SFT(y | x), the actor with adapters disabled and *no* user prefix (the paper's reference).
+- `Reward`: the frozen personalized reward model of a finished `train_rm` run, with *its own* user model, user
+  vocabulary and tokenizer. A sample is scored for the user it was generated for, found by its source user id.
+
+Per-token tensors are [B, W] over response tokens (see `policy.ppo.core`); position t holds what the model says
+about token t of the response, read at the position that predicts it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.backbone import PersonalizedBackbone
+from common.batching import PairEncoder, collate_sequences
+from common.config import Config, ConfigError
+from policy.model import PersonalizedPolicy, response_logps
+from policy.ppo.core import entropy_from_logits
+from preference_data.vocab import GENERIC, UserVocab
+
+RM_HEAD = "score"  # head name in the RM run's checkpoint/: score_head.safetensors
+VALUE_HEAD = "value"  # head name in the PPO run's checkpoint/: value_head.safetensors
+
+
+# ------------------------------------------------------------------------------------------------ alignment
+
+
+def response_index(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, k) of the response tokens of a (prefixed) batch: hidden position `cols` of row `rows` predicts
+    response token number `k`. Labels are -100 everywhere but on response tokens, so padding inside the prefix
+    (packed by `prepend_prefix`) and prompt lengths need no special case."""
+    is_label = labels[:, 1:] != -100
+    rows, cols = is_label.nonzero(as_tuple=True)
+    k = (is_label.long().cumsum(1) - 1)[rows, cols]
+    return rows, cols, k
+
+
+def _scatter(values: torch.Tensor, rows, k, batch: int, width: int) -> torch.Tensor:
+    out = torch.zeros(batch, width, dtype=values.dtype, device=values.device)
+    out[rows, k] = values
+    return out
+
+
+class _ScaledHead:
+    """lm_head(h) / temperature: log-probs of the distribution generation samples from (before top-k / top-p)."""
+
+    def __init__(self, head, temperature: float):
+        self.head, self.temperature = head, temperature
+
+    def __call__(self, h):
+        logits = self.head(h)
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+
+def _token_logps(hidden, labels, lm_head, temperature: float, width: int, with_entropy: bool):
+    _, dense, logits, (rows, cols) = response_logps(hidden, labels, _ScaledHead(lm_head, temperature),
+                                                    return_per_token=True)
+    _, _, k = response_index(labels)
+    B = labels.shape[0]
+    logps = _scatter(dense[rows, cols], rows, k, B, width)
+    mask = _scatter(torch.ones_like(dense[rows, cols]), rows, k, B, width)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = _scatter(entropy_from_logits(logits), rows, k, B, width)
+    return logps, mask, entropy
+
+
+# ------------------------------------------------------------------------------------------------ roles
+
+
+class Actor:
+    """pi_P(y | x, u): the personalized policy with its user prefix and LoRA adapters."""
+
+    def __init__(self, policy: PersonalizedPolicy, temperature: float = 1.0):
+        self.policy = policy
+        self.temperature = float(temperature)
+
+    @property
+    def backbone(self) -> PersonalizedBackbone:
+        return self.policy.backbone
+
+    def hidden(self, batch: dict):
+        """(hidden [B, T_u + L, d], PrefixedInputs) of [prefix, prompt, response] rows (right-padded batch)."""
+        return self.backbone.hidden_states(batch)
+
+    def token_logps(self, hidden, inputs, width: int, with_entropy: bool = False):
+        """(log pi(y_t | x, u, y_<t) [B, W], response mask [B, W], entropy [B, W] or None)."""
+        return _token_logps(hidden, inputs.labels, self.backbone.lm_head, self.temperature, width, with_entropy)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], user_idx: torch.Tensor, texts: list[list[int]] | None,
+                 pad_id: int, eos_id: int, max_new_tokens: int, temperature: float, top_k: int,
+                 top_p: float) -> list[list[int]]:
+        """Sampled responses (left-padded batch, KV cache), each cut after its first EOS. Every sampling option
+        is passed explicitly so that a model's own generation_config cannot change the distribution."""
+        return self.policy.generate(prompts, user_idx, texts, pad_id=pad_id, do_sample=True,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, eos_token_id=eos_id, repetition_penalty=1.0,
+                                    no_repeat_ngram_size=0, use_cache=True)
+
+
+class Critic:
+    """V(s_t) for every response token, from a value head on the actor's backbone (shared) or its own."""
+
+    def __init__(self, head: nn.Linear, backbone: PersonalizedBackbone | None = None):
+        self.head = head
+        self.backbone = backbone  # None: shared with the actor
+
+    @property
+    def shared(self) -> bool:
+        return self.backbone is None
+
+    def values_from_hidden(self, hidden, inputs, width: int) -> torch.Tensor:
+        rows, cols, k = response_index(inputs.labels)
+        h = hidden[:, :-1][rows, cols]
+        v = self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+        return _scatter(v, rows, k, hidden.shape[0], width)
+
+    def values(self, batch: dict, width: int, hidden=None, inputs=None) -> torch.Tensor:
+        """Values [B, W]; a shared critic needs the actor's (hidden, inputs) of the same batch."""
+        if self.shared:
+            if hidden is None:
+                raise ValueError("a shared critic reads the actor's hidden states: pass hidden and inputs")
+            return self.values_from_hidden(hidden, inputs, width)
+        h, inp = self.backbone.hidden_states(batch)
+        return self.values_from_hidden(h, inp, width)
+
+
+class Reference:
+    """pi_SFT(y | x): the actor's backbone with adapters off and no user prefix, whatever the sample's user."""
+
+    def __init__(self, backbone: PersonalizedBackbone, temperature: float = 1.0):
+        self.backbone = backbone
+        self.temperature = float(temperature)
+
+    @torch.no_grad()
+    def token_logps(self, batch: dict, width: int) -> torch.Tensor:
+        with self.backbone.reference() as ref_lm:
+            hidden, inputs = self.backbone.hidden_states(batch, use_prefix=False, lm=ref_lm)
+            logps, _, _ = _token_logps(hidden, inputs.labels, ref_lm.lm_head, self.temperature, width, False)
+        return logps
+
+
+class Reward:
+    """The frozen reward model of a `train_rm` run, scoring text for a source user id.
+
+    Scoring goes through text: the prompt string and the decoded response are tokenised with the RM's own
+    tokenizer and chat template, so the RM may sit on another base model than the actor. A response that ended with
+    EOS gets the RM's EOS appended (as in RM training); one cut by max_new_tokens does not.
+    """
+
+    def __init__(self, model, tokenizer, vocab: UserVocab, cfg: Config, run_dir: Path | None = None):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.encoder = PairEncoder.from_config(tokenizer, cfg)
+        self._prompt_cache: dict[str, list[int]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def user_index(self, user_id: str | None) -> int:
+        """The RM's index of a source user id (unseen or None: the generic user 0)."""
+        return self.vocab.index(user_id)
+
+    def _prompt(self, prompt: str) -> list[int]:
+        if prompt not in self._prompt_cache:
+            self._prompt_cache[prompt] = self.encoder.prompt_ids(prompt, "ppo prompt")
+        return self._prompt_cache[prompt]
+
+    def _response(self, text: str, ended: bool) -> list[int]:
+        if ended:
+            return self.encoder.response_ids(text)
+        return self.tokenizer(text, add_special_tokens=False).input_ids[: self.encoder.max_response]
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], user_ids: list[str | None],
+              ended: list[bool] | None = None, user_texts: list[str | None] | None = None,
+              batch_size: int = 16) -> torch.Tensor:
+        """r(x, y, u) [N] (float32, CPU), row i for `user_ids[i]`."""
+        n = len(prompts)
+        if not (len(responses) == len(user_ids) == n):
+            raise ValueError("prompts, responses and user_ids must have the same length")
+        ended = ended if ended is not None else [True] * n
+        user_texts = user_texts if user_texts is not None else [None] * n
+        pad_id = self.tokenizer.pad_token_id
+        out = []
+        for s in range(0, n, batch_size):
+            sl = range(s, min(s + batch_size, n))
+            batch = collate_sequences([self._prompt(prompts[i]) for i in sl],
+                                      [self._response(responses[i], ended[i]) for i in sl],
+                                      [self.user_index(user_ids[i]) for i in sl],
+                                      [self.encoder.text_ids(user_texts[i]) for i in sl], pad_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            out.append(self.model(batch).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def score_texts_per_user(self, generation: dict, users: dict[str, int] | None = None) -> dict[str, float]:
+        """Mean reward of each label's generated responses, scored for that label's user.
+
+        `generation` is `policy.generation.generate_per_user`'s result: responses are read from
+        `generation["texts"][label]` ([{"prompt", "response"}], all of them) when present, else from
+        `generation["examples"][label]`. A label is a source user id; `<generic>`, `<reference>` and ids the RM
+        does not know are scored as the generic user 0. Responses are taken as finished (EOS appended).
+        """
+        source = generation.get("texts") or generation.get("examples") or {}
+        out = {}
+        for label, rows in source.items():
+            if users is not None and label not in users and label != "<reference>":
+                continue
+            if not rows:
+                continue
+            uid = label if label in self.vocab else None
+            r = self.score([x["prompt"] for x in rows], [x["response"] for x in rows], [uid] * len(rows))
+            out[label] = float(r.mean())
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def check_rm_run(rm_run: str | None, key: str = "ppo.rm_run") -> Path:
+    """The folder of a *finished* train_rm run, or ConfigError naming the config key. Reads no model."""
+    if not rm_run:
+        raise ConfigError(f"config key '{key}' is required: the run folder of a finished train_rm run "
+                          "(the frozen reward model PPO optimises)")
+    run = Path(rm_run)
+    if not run.is_dir():
+        raise ConfigError(f"config key '{key}' names a folder that does not exist: {rm_run}")
+    needed = ["config.yaml", "users.json", "run.json", "checkpoint/user_model.json",
+              f"checkpoint/{RM_HEAD}_head.safetensors"]
+    missing = [p for p in needed if not (run / p).exists()]
+    if missing:
+        raise ConfigError(f"config key '{key}' = {rm_run} is not a finished train_rm run (missing "
+                          f"{', '.join(missing)}); finish `python -m pipelines.train_rm` first")
+    try:
+        info = json.loads((run / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config key '{key}' = {rm_run}: unreadable run.json ({exc})") from None
+    route = info.get("route")
+    if route in ("ppo", "dpo"):
+        raise ConfigError(f"config key '{key}' = {rm_run} is a '{route}' run, not a reward-model run")
+    return run
+
+
+def load_reward_role(rm_run: str | Path, device: torch.device | str) -> Reward:
+    """The frozen `Reward` role of a finished train_rm run (also what `evaluate` uses to score PPO samples)."""
+    from common.run import load_backbone_from_run, load_head
+    from reward.model import PersonalizedRewardModel
+
+    run = check_rm_run(str(rm_run))
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):  # the head's throw-away init must not move anyone's RNG
+        cfg, backbone, tokenizer, vocab, _ = load_backbone_from_run(run, device)
+        rm = PersonalizedRewardModel(backbone)
+    load_head(run, RM_HEAD, rm.score)
+    rm.to(device)
+    return Reward(rm, tokenizer, vocab, cfg, run)
+
+
+class PPOModules(nn.Module):
+    """Every trainable parameter of PPO in one module (the optimizer's / DeepSpeed engine's view and what
+    resumable checkpoints save): actor backbone, value head and, when separate, the critic's backbone."""
+
+    def __init__(self, actor: PersonalizedBackbone, value_head: nn.Linear,
+                 critic: PersonalizedBackbone | None = None):
+        super().__init__()
+        self.actor = actor
+        self.value_head = value_head
+        self.critic = critic
+
+    def forward(self, *args, **kwargs):  # the roles call the parts; DeepSpeed only needs a module
+        raise RuntimeError("PPOModules is a parameter container; use the Actor / Critic roles")
+
+    def param_groups(self, cfg: Config) -> list[dict]:
+        """LLM adapters and heads at train.lr (with weight decay); user models at user_model.lr (default 10 x),
+        never decayed."""
+        lr = cfg.train.lr
+        user_lr = cfg.user_model.lr if cfg.user_model.lr is not None else 10.0 * lr
+        backbones = [self.actor] + ([self.critic] if self.critic is not None else [])
+        user = [p for b in backbones for p in b.user_model.parameters() if p.requires_grad]
+        llm = [p for b in backbones for p in b.llm_trainable_parameters()]
+        heads = [p for p in self.value_head.parameters() if p.requires_grad]
+        return [{"params": llm + heads, "lr": lr, "weight_decay": cfg.train.weight_decay, "name": "llm+heads"},
+                {"params": user, "lr": user_lr, "weight_decay": 0.0, "name": "user_model"}]
+
+
+def new_value_head(hidden_size: int, dtype: torch.dtype) -> nn.Linear:
+    """Zero-initialised: values start at 0 and, on a shared backbone, the first value gradients do not reach
+    (and disturb) the actor."""
+    head = nn.Linear(hidden_size, 1, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    return head.to(dtype)
+
+
+def build_roles(cfg: Config, n_users: int, device: torch.device):
+    """(modules, actor, critic, reference, tokenizer) for a fresh PPO run: a new backbone (LoRA + user model with
+    `n_users` seen users) for the actor and, with `ppo.critic=separate`, another one for the critic."""
+    from common.run import build_backbone
+
+    torch.manual_seed(cfg.seed)  # the actor's init does not depend on what was built before it
+    backbone, tokenizer = build_backbone(cfg, n_users, device)
+    head = new_value_head(backbone.hidden_size, next(backbone.lm.parameters()).dtype).to(device)
+    critic_backbone = None
+    if cfg.ppo.critic == "separate":
+        torch.manual_seed(cfg.seed + 1)
+        critic_backbone, _ = build_backbone(cfg, n_users, device)
+    modules = PPOModules(backbone, head, critic_backbone)
+    actor = Actor(PersonalizedPolicy(backbone), cfg.ppo.temperature)
+    critic = Critic(head, critic_backbone)
+    reference = Reference(backbone, cfg.ppo.temperature)
+    return modules, actor, critic, reference, tokenizer
+
+
+def user_key(user_id: str | None) -> str:
+    """Name of a rollout user in logs and ppo_history.json (the generic user 0 is `<generic>`)."""
+    return "<generic>" if user_id is None else str(user_id)
+
+
+__all__ = ["Actor", "Critic", "Reference", "Reward", "PPOModules", "build_roles", "check_rm_run",
+           "load_reward_role", "new_value_head", "response_index", "user_key", "RM_HEAD", "VALUE_HEAD", "GENERIC"]

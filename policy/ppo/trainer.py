@@ -1,0 +1,366 @@
+"""PPO for the personalized policy (seed: P-RLHF with a personalized RM), written as the algorithm reads.
+
+One iteration (`train.max_steps` of them):
+
+1. sample `ppo.rollout_batch_size` (prompt, user) pairs: prompts uniformly from the distinct training prompts,
+   users uniformly from the RM's seen users, and a `ppo.generic_user_share` of the batch as the generic user 0;
+   a pure function of (seed, iteration), so a resumed run draws exactly what an uninterrupted one would;
+2. generate one response per pair with the actor (user prefix, left-padded batch, KV cache, sampling config);
+3. score each response with the frozen RM *for the user it was generated for*; standardise with the statistics
+   of the first rollout, clip, and subtract `ppo.missing_eos_penalty` where the response has no EOS;
+4. reference log-probs (adapters off, no prefix), old log-probs and values (one forward when the critic shares
+   the actor's backbone);
+5. per-token rewards -kl_coef * (log pi - log pi_ref), the score added at the last response token; GAE; whitened
+   advantages;
+6. `ppo.ppo_epochs` passes over shuffled minibatches of `ppo.minibatch_size`: clipped policy loss +
+   `ppo.vf_coef` * clipped value loss, one optimizer step per minibatch (plain torch or a DeepSpeed engine);
+7. update the KL controller, log, write `ppo_history.json`, and every `train.save_every` iterations an atomic,
+   resumable checkpoint (parameters, optimizer, KL controller, reward statistics, history).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from common import checkpoint as ckpt
+from common.batching import PairEncoder, collate_sequences
+from common.config import Config
+from common.tracking import Tracker
+from common.trainer import TrainingError, deepspeed_engine, lr_factor, make_optimizer
+from policy.ppo.core import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    compute_gae,
+    make_kl_controller,
+    masked_mean,
+    per_token_kl_rewards,
+    whiten,
+)
+from policy.ppo.roles import Actor, Critic, PPOModules, Reference, Reward, user_key
+from preference_data.vocab import UserVocab
+
+log = logging.getLogger(__name__)
+
+HISTORY_FILE = "ppo_history.json"
+
+# independent random streams of one iteration
+_STREAM_PAIRS, _STREAM_SAMPLING, _STREAM_EPOCH = 1, 2, 8
+
+
+@dataclass
+class Rollout:
+    """One rollout batch: B samples, per-token tensors [B, W] over response tokens (CPU)."""
+
+    prompt_index: list[int]
+    user_ids: list[str | None]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    text_ids: list[list[int]]
+    user_idx: list[int]
+    responses: list[str]
+    ended: torch.Tensor  # [B] bool: the response ends with EOS
+    raw_scores: torch.Tensor  # [B] the RM's r(x, y, u)
+    scores: torch.Tensor  # [B] after normalisation, clipping and the missing-EOS penalty
+    mask: torch.Tensor
+    logps: torch.Tensor
+    ref_logps: torch.Tensor
+    values: torch.Tensor
+    kl: torch.Tensor = None
+    rewards: torch.Tensor = None
+    advantages: torch.Tensor = None
+    returns: torch.Tensor = None
+    timing: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def batch(self, idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
+        """Right-padded model inputs [prompt, response] of the samples `idx` (labels on the response)."""
+        b = collate_sequences([self.prompt_ids[i] for i in idx], [self.response_ids[i] for i in idx],
+                              [self.user_idx[i] for i in idx], [self.text_ids[i] for i in idx], pad_id)
+        return {k: v.to(device) for k, v in b.items()}
+
+
+class PPOTrainer:
+    def __init__(self, cfg: Config, run_dir: Path, modules: PPOModules, actor: Actor, critic: Critic,
+                 reference: Reference, reward: Reward, tokenizer, vocab: UserVocab, prompts: list[str],
+                 user_texts: dict[str, str] | None = None, tracker: Tracker | None = None,
+                 device: torch.device | None = None):
+        if not prompts:
+            raise ValueError("PPO needs at least one prompt")
+        self.cfg, self.ppo = cfg, cfg.ppo
+        self.run_dir = Path(run_dir)
+        self.modules, self.actor, self.critic, self.reference, self.reward = modules, actor, critic, reference, reward
+        self.tokenizer, self.vocab = tokenizer, vocab
+        self.device = device or next(modules.parameters()).device
+        self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.prompts = list(prompts)
+        self.users = vocab.ids  # seen users, drawn uniformly
+        self.user_texts = dict(user_texts or {})
+        self.tracker = tracker
+        self.encoder = PairEncoder.from_config(tokenizer, cfg)
+        self.prompt_ids = [self.encoder.prompt_ids(p, f"prompt {i + 1}") for i, p in enumerate(self.prompts)]
+        self.kl_ctl = make_kl_controller(self.ppo)
+        self.reward_stats: dict | None = None  # mean/std of the first rollout's raw scores
+        self.history: list[dict] = []
+        self.optimizer = make_optimizer(modules.param_groups(cfg), cfg)
+        self.engine = None
+        if cfg.train.deepspeed:
+            self.engine, self.optimizer = deepspeed_engine(modules, self.optimizer, cfg)
+        self.ckpt_root = self.run_dir / "checkpoints"
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _seed(self, iteration: int, stream: int) -> int:
+        return ((self.cfg.seed * 1_000_003 + iteration) * 64 + stream) % (2 ** 62)
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.engine.zero_optimization_stage()) if self.engine is not None else 0
+
+    def gathered_parameters(self, module: torch.nn.Module | None = None):
+        """Full parameters of `module` (default: all) inside the context; a no-op unless ZeRO-3 partitions them."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list((module or self.modules).parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def _text_ids(self, user_id: str | None) -> list[int]:
+        return self.encoder.text_ids(self.user_texts.get(user_id)) if user_id is not None else []
+
+    # ------------------------------------------------------------------------------------------ 1. pairs
+    def sample_pairs(self, iteration: int) -> list[tuple[int, str | None]]:
+        """(prompt index, source user id or None = generic) for each rollout sample of `iteration`."""
+        B = self.ppo.rollout_batch_size
+        g = torch.Generator().manual_seed(self._seed(iteration, _STREAM_PAIRS))
+        n_generic = B if not self.users else int(round(self.ppo.generic_user_share * B))
+        generic = set(torch.randperm(B, generator=g)[:n_generic].tolist())
+        prompt_idx = torch.randint(len(self.prompts), (B,), generator=g).tolist()
+        user_idx = torch.randint(max(len(self.users), 1), (B,), generator=g).tolist()
+        return [(p, None if i in generic else self.users[u]) for i, (p, u) in enumerate(zip(prompt_idx, user_idx))]
+
+    # ------------------------------------------------------------------------------------------ 3. scores
+    def shape_scores(self, raw: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        s = raw.clone().float()
+        if self.ppo.normalize_reward:
+            if self.reward_stats is None:
+                std = float(raw.std(unbiased=False)) if raw.numel() > 1 else 0.0
+                self.reward_stats = {"mean": float(raw.mean()), "std": std if std > 1e-6 else 1.0}
+            s = (s - self.reward_stats["mean"]) / self.reward_stats["std"]
+        if self.ppo.reward_clip > 0:
+            s = s.clamp(-self.ppo.reward_clip, self.ppo.reward_clip)
+        if self.ppo.missing_eos_penalty is not None:
+            s = s - self.ppo.missing_eos_penalty * (~ended).float()
+        return s
+
+    # ------------------------------------------------------------------------------------------ 2-5. rollout
+    @torch.no_grad()
+    def rollout(self, iteration: int) -> Rollout:
+        p = self.ppo
+        pairs = self.sample_pairs(iteration)
+        prompt_ids = [self.prompt_ids[i] for i, _ in pairs]
+        user_ids = [u for _, u in pairs]
+        user_idx = [self.vocab.index(u) for u in user_ids]
+        text_ids = [self._text_ids(u) for u in user_ids]
+        self.modules.eval()
+        t0 = time.time()
+
+        # 2. generation (sampling noise seeded per iteration, on every device)
+        torch.manual_seed(self._seed(iteration, _STREAM_SAMPLING))
+        with self.gathered_parameters(self.actor.backbone):
+            responses = self.actor.generate(prompt_ids, torch.tensor(user_idx), text_ids, self.pad_id, self.eos_id,
+                                            p.max_new_tokens, p.temperature, p.top_k, p.top_p)
+        t_gen = time.time() - t0
+        ended = torch.tensor([len(r) > 0 and r[-1] == self.eos_id for r in responses])
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+
+        # 3. the RM scores each response for the user it was generated for
+        raw = self.reward.score([self.prompts[i] for i, _ in pairs], texts, user_ids, ended.tolist(),
+                                [self.user_texts.get(u) for u in user_ids] if self.user_texts else None,
+                                batch_size=p.minibatch_size)
+        scores = self.shape_scores(raw, ended)
+
+        # 4. old log-probs, values, reference log-probs
+        ro = Rollout([i for i, _ in pairs], user_ids, prompt_ids, responses, text_ids, user_idx, texts, ended,
+                     raw, scores, None, None, None, None)
+        width = max(len(r) for r in responses)
+        logps, ref_logps, values, masks = [], [], [], []
+        for s in range(0, len(ro), p.minibatch_size):
+            idx = list(range(s, min(s + p.minibatch_size, len(ro))))
+            batch = ro.batch(idx, self.pad_id, self.device)
+            hidden, inputs = self.actor.hidden(batch)
+            lp, mask, _ = self.actor.token_logps(hidden, inputs, width)
+            values.append(self.critic.values(batch, width, hidden, inputs).cpu())
+            logps.append(lp.float().cpu())
+            masks.append(mask.cpu())
+            ref_logps.append(self.reference.token_logps(batch, width).float().cpu())
+        ro.logps, ro.ref_logps, ro.values, ro.mask = (torch.cat(x) for x in (logps, ref_logps, values, masks))
+
+        # 5. KL-penalised per-token rewards, GAE, whitening
+        ro.rewards, ro.kl = per_token_kl_rewards(ro.logps, ro.ref_logps, ro.mask, self.kl_ctl.value, scores)
+        ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, ro.mask, p.gamma, p.lam)
+        if p.whiten_advantages:
+            ro.advantages = whiten(ro.advantages, ro.mask)
+        n_tokens = int(ro.mask.sum())
+        ro.timing = {"rollout_s": time.time() - t0, "generate_s": t_gen, "response_tokens": n_tokens}
+        return ro
+
+    # ------------------------------------------------------------------------------------------ 6. update
+    def _optimizer_step(self, loss: torch.Tensor) -> float | None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else None
+        loss.backward()
+        norm = None
+        if self.cfg.train.max_grad_norm > 0:
+            params = [q for g in self.optimizer.param_groups for q in g["params"]]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def update(self, ro: Rollout, iteration: int) -> dict[str, float]:
+        p = self.ppo
+        self.modules.train()
+        sums: dict[str, float] = defaultdict(float)
+        n_steps, tokens, t0 = 0, 0, time.time()
+        for epoch in range(p.ppo_epochs):
+            g = torch.Generator().manual_seed(self._seed(iteration, _STREAM_EPOCH + epoch))
+            perm = torch.randperm(len(ro), generator=g).tolist()
+            for s in range(0, len(ro), p.minibatch_size):
+                idx = perm[s:s + p.minibatch_size]
+                batch = ro.batch(idx, self.pad_id, self.device)
+                mask = ro.mask[idx].to(self.device)
+                hidden, inputs = self.actor.hidden(batch)
+                logp, _, entropy = self.actor.token_logps(hidden, inputs, ro.width, with_entropy=True)
+                values = self.critic.values(batch, ro.width, hidden, inputs)
+                pg_loss, clipfrac, approx_kl = clipped_policy_loss(
+                    logp, ro.logps[idx].to(self.device), ro.advantages[idx].to(self.device), mask, p.clip_range)
+                vf_loss, vf_clipfrac = clipped_value_loss(
+                    values, ro.values[idx].to(self.device), ro.returns[idx].to(self.device), mask, p.clip_range_value)
+                loss = pg_loss + p.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"PPO loss is {loss.item()} at iteration {iteration + 1} (epoch {epoch + 1}); "
+                                        "stopping without writing a checkpoint. Lower train.lr or check the RM.")
+                norm = self._optimizer_step(loss)
+                n_steps += 1
+                tokens += int(inputs.attention_mask.sum())
+                for k, v in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("loss/total", loss),
+                             ("policy/clipfrac", clipfrac), ("policy/approx_kl", approx_kl),
+                             ("value/clipfrac", vf_clipfrac), ("policy/entropy", masked_mean(entropy, mask))):
+                    sums[k] += float(v)
+                if norm is not None:
+                    sums["train/grad_norm"] += norm
+        out = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        train_s = time.time() - t0
+        out.update({"perf/train_s": train_s, "perf/train_tokens_per_s": tokens / max(train_s, 1e-9),
+                    "train/optimizer_steps": n_steps})
+        return out
+
+    # ------------------------------------------------------------------------------------------ 7. bookkeeping
+    def set_lr(self, iteration: int) -> float:
+        tr = self.cfg.train
+        f = lr_factor(iteration, tr.warmup_steps, tr.max_steps, tr.lr_scheduler)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * f
+        return self.optimizer.param_groups[0]["lr"]
+
+    def iteration_metrics(self, ro: Rollout, update: dict, kl_coef: float, lr: float) -> tuple[dict, dict]:
+        """(metrics for the tracker, the ppo_history.json entry)."""
+        by_user: dict[str, list[int]] = defaultdict(list)
+        for i, u in enumerate(ro.user_ids):
+            by_user[user_key(u)].append(i)
+        words = torch.tensor([len(t.split()) for t in ro.responses], dtype=torch.float)
+        seq_kl = ro.kl.sum(1)
+        reward_u = {u: float(ro.raw_scores[ix].mean()) for u, ix in sorted(by_user.items())}
+        words_u = {u: float(words[ix].mean()) for u, ix in sorted(by_user.items())}
+        t = ro.timing
+        metrics = {
+            "reward/mean": float(ro.raw_scores.mean()), "score/mean": float(ro.scores.mean()),
+            **{f"reward/user/{u}": v for u, v in reward_u.items()},
+            "kl/seq": float(seq_kl.mean()), "kl/token": float(masked_mean(ro.kl, ro.mask)), "kl/coef": kl_coef,
+            "value/mean": float(masked_mean(ro.values, ro.mask)),
+            "returns/mean": float(masked_mean(ro.returns, ro.mask)),
+            "length/words": float(words.mean()), **{f"length/words/{u}": v for u, v in words_u.items()},
+            "length/tokens": float(ro.mask.sum(1).mean()), "rollout/eos_rate": float(ro.ended.float().mean()),
+            "perf/rollout_s": t["rollout_s"], "perf/generate_s": t["generate_s"],
+            "perf/rollout_tokens_per_s": t["response_tokens"] / max(t["rollout_s"], 1e-9),
+            "perf/generate_tokens_per_s": t["response_tokens"] / max(t["generate_s"], 1e-9),
+            "train/lr": lr, **update,
+        }
+        entry = {"reward": reward_u, "response_words": words_u,
+                 "n": {u: len(ix) for u, ix in sorted(by_user.items())},
+                 "reward_mean": metrics["reward/mean"], "kl": metrics["kl/seq"], "kl_coef": kl_coef,
+                 "loss": update.get("loss/total"), "value_loss": update.get("loss/value"),
+                 "entropy": update.get("policy/entropy"), "eos_rate": metrics["rollout/eos_rate"],
+                 "example": {"user": user_key(ro.user_ids[0]), "prompt": self.prompts[ro.prompt_index[0]],
+                             "response": ro.responses[0]}}
+        return metrics, entry
+
+    def write_history(self) -> Path:
+        path = self.run_dir / HISTORY_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"users": [user_key(None)] + self.users, "iterations": self.history}, indent=1))
+        os.replace(tmp, path)
+        return path
+
+    def save(self, done: int) -> Path:
+        extra = {"iteration": done, "kl_controller": self.kl_ctl.state_dict(), "reward_stats": self.reward_stats,
+                 "history": self.history}
+        return ckpt.save_checkpoint(self.ckpt_root, done, self.modules, self.optimizer, extra=extra,
+                                    keep_last=self.cfg.train.keep_last, engine=self.engine)
+
+    def maybe_resume(self) -> int:
+        if self.cfg.train.resume != "auto" or (latest := ckpt.latest_checkpoint(self.ckpt_root)) is None:
+            return 0
+        state, _ = ckpt.load_checkpoint(latest, self.modules, self.optimizer, self.engine)
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.reward_stats = state.get("reward_stats")
+        self.history = state.get("history", [])
+        log.info("resumed PPO from %s (iteration %d)", latest, state["iteration"])
+        return int(state["iteration"])
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        tr = self.cfg.train
+        start = self.maybe_resume()
+        bar = tqdm(range(start, tr.max_steps), desc="ppo", initial=start, total=tr.max_steps, dynamic_ncols=True)
+        t_start, last = time.time(), {}
+        for it in bar:
+            lr = self.set_lr(it)
+            ro = self.rollout(it)
+            stats = self.update(ro, it)
+            kl_coef = self.kl_ctl.value  # the coefficient this iteration's rewards used
+            self.kl_ctl.update(float(ro.kl.sum(1).mean()), n_steps=len(ro))
+            done = it + 1
+            last, entry = self.iteration_metrics(ro, stats, kl_coef, lr)
+            self.history.append({"iteration": done, **entry})
+            if self.tracker is not None:
+                self.tracker.log(last, step=done)
+            self.write_history()
+            bar.set_postfix(reward=f"{last['reward/mean']:.3f}", kl=f"{last['kl/seq']:.3f}",
+                            words=f"{last['length/words']:.1f}")
+            if tr.save_every and done % tr.save_every == 0 and done < tr.max_steps:
+                self.save(done)
+        bar.close()
+        self.modules.eval()
+        if self.history:
+            self.write_history()
+        return {"iterations": tr.max_steps, "resumed_from": start, "wall_s": time.time() - t_start,
+                "last": last, "kl_coef": self.kl_ctl.value, "reward_stats": self.reward_stats}

@@ -1,0 +1,32 @@
+"""Batched log-probs of held-out pairs under the personalized policy and the reference."""
+
+from __future__ import annotations
+
+import torch
+
+from common.batching import EncodedPair, collate_pairs
+
+
+@torch.no_grad()
+def pair_logps(policy, pairs: list[EncodedPair], pad_id: int, batch_size: int, device, reference: bool = False,
+               as_generic: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y_w|x,u), log pi(y_l|x,u)) per pair; `reference=True` gives log pi_SFT(y|x) (no prefix)."""
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        if as_generic:
+            batch["user_idx"] = torch.zeros_like(batch["user_idx"])
+        lp = policy.reference_logps(batch) if reference else policy.sequence_logps(batch)
+        chosen.append(lp[: len(chunk)].cpu())
+        rejected.append(lp[len(chunk):].cpu())
+        if progress is not None:
+            progress.update(len(chunk))
+    if not chosen:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def implicit_reward_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> torch.Tensor:
+    """beta * [log pi/pi_ref (y_w) - log pi/pi_ref (y_l)]: the DPO route's reward margin."""
+    return beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))

@@ -1,0 +1,130 @@
+import math
+
+import pytest
+import torch
+
+from common.batching import EncodedPair, collate_pairs
+from common.config import load_config
+from common.run import build_backbone
+from policy.dpo_loss import (personalized_dpo_loss, preference_loss, stochastic_dpo_loss, stochastic_generic_mask)
+from policy.model import PersonalizedPolicy
+
+
+def tiny_policy(kind="individual", n_users=3):
+    cfg = load_config(None, [f"user_model.kind={kind}", "model.name=tiny-random"])
+    backbone, tok = build_backbone(cfg, n_users, torch.device("cpu"))
+    return PersonalizedPolicy(backbone), tok
+
+
+def sp(x):  # -log sigmoid(x)
+    return math.log(1 + math.exp(-x))
+
+
+def test_pdpo_loss_hand_computation():
+    uw, ul = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0])
+    gw, gl = torch.tensor([-3.5, -5.5]), torch.tensor([-3.5, -4.5])
+    rw, rl = torch.tensor([-3.2, -5.1]), torch.tensor([-3.9, -4.2])
+    alpha, beta = 0.4, 0.5
+    loss, _ = personalized_dpo_loss(uw, ul, gw, gl, rw, rl, alpha, beta)
+    h_user = [(-3.0 + 3.2) - (-4.0 + 3.9), (-5.0 + 5.1) - (-4.0 + 4.2)]
+    h_gen = [(-3.5 + 3.2) - (-3.5 + 3.9), (-5.5 + 5.1) - (-4.5 + 4.2)]
+    expected = alpha * sum(sp(beta * h) for h in h_user) / 2 + (1 - alpha) * sum(sp(beta * h) for h in h_gen) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_alpha_one_and_zero_reduce_to_single_terms():
+    t = [torch.randn(5) for _ in range(6)]
+    one, _ = personalized_dpo_loss(*t, alpha=1.0, beta=0.1)
+    only_user, _ = personalized_dpo_loss(t[0], t[1], None, None, t[4], t[5], alpha=1.0, beta=0.1)
+    assert one.item() == pytest.approx(only_user.item())
+    zero, _ = personalized_dpo_loss(*t, alpha=0.0, beta=0.1)
+    only_generic, _ = personalized_dpo_loss(t[2], t[3], None, None, t[4], t[5], alpha=1.0, beta=0.1)
+    assert zero.item() == pytest.approx(only_generic.item())
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
+def test_other_loss_types(loss_type):
+    h = torch.tensor([0.5, -1.0])
+    if loss_type == "ipo":
+        assert torch.allclose(preference_loss(h, 0.25, "ipo"), (h - 2.0) ** 2)
+    else:
+        assert torch.allclose(preference_loss(h, 0.5, "hinge"), torch.relu(1 - 0.5 * h))
+
+
+def test_stochastic_estimator_is_unbiased():
+    torch.manual_seed(0)
+    n = 6
+    uw, ul, gw, gl, rw, rl = [torch.randn(n) for _ in range(6)]
+    alpha, beta = 0.7, 0.3
+    exact, _ = personalized_dpo_loss(uw, ul, gw, gl, rw, rl, alpha, beta)
+    g = torch.Generator().manual_seed(1)
+    draws = []
+    for _ in range(20000):
+        generic = stochastic_generic_mask(n, alpha, g)
+        w, l = torch.where(generic, gw, uw), torch.where(generic, gl, ul)
+        draws.append(stochastic_dpo_loss(w, l, rw, rl, beta)[0].item())
+    assert sum(draws) / len(draws) == pytest.approx(exact.item(), rel=5e-3)
+
+
+def test_reference_never_sees_a_prefix():
+    policy, tok = tiny_policy()
+    pairs = [EncodedPair([5, 6, 7], [8, 9, 2], [10, 2], 1), EncodedPair([5, 6], [3, 2], [4, 4, 2], 2)]
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    calls = []
+    orig = policy.backbone.user_model.forward
+    policy.backbone.user_model.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    ref = policy.reference_logps(batch)
+    assert calls == []  # the user model was never asked
+    # and it equals the plain LM without adapters, whatever the users are
+    ref_generic = policy.reference_logps({**batch, "user_idx": torch.zeros_like(batch["user_idx"])})
+    assert torch.equal(ref, ref_generic)
+    with torch.no_grad():
+        for p in policy.backbone.lm.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # move the LoRA weights: the reference must not change
+    assert torch.allclose(policy.reference_logps(batch), ref)
+    assert not torch.allclose(policy.sequence_logps(batch), ref)
+
+
+def test_batched_left_padded_generation_equals_single():
+    policy, tok = tiny_policy()
+    with torch.no_grad():
+        policy.backbone.user_model.implicit.offsets.weight[1:] += 0.3 * torch.randn(3, policy.backbone.user_model.implicit.offsets.weight.shape[1])
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
+    users = torch.tensor([1, 2, 0])
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id)
+    batched = policy.generate(prompts, users, pad_id=tok.pad_token_id, **kw)
+    single = [policy.generate([p], users[i:i + 1], pad_id=tok.pad_token_id, **kw)[0] for i, p in enumerate(prompts)]
+    assert batched == single
+
+
+def test_pdpo_run_separates_users_and_writes_run_folder(tmp_path, toy_data):
+    import json
+
+    from pipelines.train_pdpo import run
+    from tests.conftest import tiny_overrides
+
+    train, evals = toy_data
+    m = run(load_config(None, tiny_overrides(tmp_path, train, evals, **{"train.max_steps": 30,
+                                                                         "train.batch_size": 8})))
+    ev = m["eval"]
+    assert ev["route"] == "dpo"
+    assert ev["per_user"]["a"]["accuracy"] == 1.0 and ev["per_user"]["b"]["accuracy"] == 1.0
+    run_dir = tmp_path / "run"
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["per_group"]["minority"]["n"] == 4
+    assert saved["per_user"]["a"]["mean_response_words"] is not None
+    for f in ["config.yaml", "users.json", "checkpoint/user_model.safetensors", "checkpoint/user_model.json",
+              "checkpoint/adapter/adapter_model.safetensors", "plots/per_user_accuracy.png",
+              "plots/response_words.png", "report.md", "ref_logps.safetensors"]:
+        assert (run_dir / f).exists(), f
+
+
+def test_stochastic_estimator_trains(tmp_path, toy_data):
+    from pipelines.train_pdpo import run
+    from tests.conftest import tiny_overrides
+
+    train, evals = toy_data
+    m = run(load_config(None, tiny_overrides(tmp_path, train, evals, **{"loss.estimator": "stochastic",
+                                                                         "eval.n_generation_prompts": 0})))
+    assert m["eval"]["overall"]["n"] == 8

@@ -1,0 +1,159 @@
+"""Implicit user models (seed section 4.3): user index -> embedding of shape [T_u, d].
+
+Index 0 is the generic (unknown) user for every kind. Tables are `nn.Embedding`s so a batch only touches the rows
+of its users: gradients of every other row are exactly zero (and `sparse=True` makes them sparse tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ImplicitUserModel(nn.Module):
+    kind: str = ""
+
+    def __init__(self, n_users: int, n_tokens: int, dim: int):
+        super().__init__()
+        if n_tokens <= 0:
+            raise ValueError(f"n_tokens (T_u) must be > 0, got {n_tokens}")
+        if n_users < 0:
+            raise ValueError(f"n_users must be >= 0, got {n_users}")
+        self.n_users, self.n_tokens, self.dim = n_users, n_tokens, dim
+
+    def forward(self, user_idx: torch.Tensor) -> torch.Tensor:  # [B] -> [B, T_u, d]
+        raise NotImplementedError
+
+    def _check(self, user_idx: torch.Tensor) -> None:
+        if user_idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"user indices must be an integer tensor, got {user_idx.dtype}")
+        if user_idx.numel() and (int(user_idx.min()) < 0 or int(user_idx.max()) > self.n_users):
+            raise IndexError(f"user index out of range [0, {self.n_users}]: {user_idx.tolist()}")
+
+    def add_users(self, n_new: int) -> list[int]:
+        """Grow the table by `n_new` users initialised as the generic user; returns their indices."""
+        raise NotImplementedError
+
+    def extra_config(self) -> dict:
+        return {}
+
+    def user_parameters(self, user_idx: int) -> list[nn.Parameter]:
+        """Parameters that hold one user's own embedding (used by per-user adaptation)."""
+        raise NotImplementedError
+
+
+def _grow_embedding(old: nn.Embedding, n_new: int, init: torch.Tensor) -> nn.Embedding:
+    new = nn.Embedding(old.num_embeddings + n_new, old.embedding_dim, padding_idx=old.padding_idx,
+                       sparse=old.sparse, dtype=old.weight.dtype, device=old.weight.device)
+    with torch.no_grad():
+        new.weight[: old.num_embeddings] = old.weight
+        new.weight[old.num_embeddings:] = init.to(new.weight)
+    return new
+
+
+class UniformUserModel(ImplicitUserModel):
+    """Example 1: every user, seen or not, gets the same embedding. With it the pipeline is vanilla RLHF."""
+
+    kind = "uniform"
+
+    def __init__(self, n_users: int, n_tokens: int, dim: int, init: torch.Tensor | None = None):
+        super().__init__(n_users, n_tokens, dim)
+        self.shared = nn.Parameter(init.clone() if init is not None else torch.zeros(n_tokens, dim))
+
+    def forward(self, user_idx: torch.Tensor) -> torch.Tensor:
+        self._check(user_idx)
+        return self.shared.unsqueeze(0).expand(user_idx.shape[0], -1, -1)
+
+    def add_users(self, n_new: int) -> list[int]:
+        start = self.n_users + 1
+        self.n_users += n_new
+        return list(range(start, start + n_new))
+
+    def user_parameters(self, user_idx: int) -> list[nn.Parameter]:
+        return []  # nothing is user-specific
+
+
+class IndividualUserModel(ImplicitUserModel):
+    """Example 2: e_i = e_0 + o_i, with o_0 = 0 so that index 0 is the generic embedding e_0."""
+
+    kind = "individual"
+
+    def __init__(self, n_users: int, n_tokens: int, dim: int, init: torch.Tensor | None = None,
+                 offset_std: float = 0.0, sparse: bool = False):
+        super().__init__(n_users, n_tokens, dim)
+        self.generic = nn.Parameter(init.clone() if init is not None else torch.zeros(n_tokens, dim))
+        # padding_idx=0 keeps o_0 at zero and never gives it a gradient.
+        self.offsets = nn.Embedding(n_users + 1, n_tokens * dim, padding_idx=0, sparse=sparse)
+        with torch.no_grad():
+            self.offsets.weight.normal_(0.0, offset_std) if offset_std > 0 else self.offsets.weight.zero_()
+            self.offsets.weight[0].zero_()
+
+    def forward(self, user_idx: torch.Tensor) -> torch.Tensor:
+        self._check(user_idx)
+        offsets = self.offsets(user_idx).view(-1, self.n_tokens, self.dim)
+        return self.generic.unsqueeze(0) + offsets
+
+    def add_users(self, n_new: int) -> list[int]:
+        start = self.n_users + 1
+        init = torch.zeros(n_new, self.n_tokens * self.dim)
+        self.offsets = _grow_embedding(self.offsets, n_new, init)
+        self.n_users += n_new
+        return list(range(start, start + n_new))
+
+    def user_parameters(self, user_idx: int) -> list[nn.Parameter]:
+        return [self.offsets.weight]
+
+
+class ClusterUserModel(ImplicitUserModel):
+    """Example 3: e_i = V . w_i with K centres V [K, T_u, d] and w_i = softmax(a_i) on the simplex.
+
+    Keeping w_i on the simplex makes every user a mixture of the centres (interpretable, and new users can be fitted
+    with K numbers). The generic user 0 has its own weights, trained by the user-agnostic loss term.
+    """
+
+    kind = "cluster"
+
+    def __init__(self, n_users: int, n_tokens: int, dim: int, n_clusters: int, init: torch.Tensor | None = None,
+                 centre_std: float = 0.02, logit_std: float = 1.0, sparse: bool = False):
+        super().__init__(n_users, n_tokens, dim)
+        if n_clusters <= 0:
+            raise ValueError(f"n_clusters (K) must be > 0, got {n_clusters}")
+        self.n_clusters = n_clusters
+        base = init if init is not None else torch.zeros(n_tokens, dim)
+        self.centres = nn.Parameter(base.unsqueeze(0) + centre_std * torch.randn(n_clusters, n_tokens, dim))
+        self.logits = nn.Embedding(n_users + 1, n_clusters, sparse=sparse)
+        with torch.no_grad():
+            self.logits.weight.normal_(0.0, logit_std)
+
+    def weights(self, user_idx: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(user_idx), dim=-1)
+
+    def forward(self, user_idx: torch.Tensor) -> torch.Tensor:
+        self._check(user_idx)
+        return torch.einsum("bk,ktd->btd", self.weights(user_idx), self.centres)
+
+    def add_users(self, n_new: int) -> list[int]:
+        start = self.n_users + 1
+        init = self.logits.weight[0].detach().expand(n_new, -1)  # start from the generic mixture
+        self.logits = _grow_embedding(self.logits, n_new, init)
+        self.n_users += n_new
+        return list(range(start, start + n_new))
+
+    def extra_config(self) -> dict:
+        return {"n_clusters": self.n_clusters}
+
+    def user_parameters(self, user_idx: int) -> list[nn.Parameter]:
+        return [self.logits.weight]
+
+
+def build_implicit_user_model(kind: str, n_users: int, n_tokens: int, dim: int, n_clusters: int = 4,
+                              init: torch.Tensor | None = None, init_std: float = 0.02,
+                              sparse: bool = False) -> ImplicitUserModel:
+    """`init` ([T_u, d]) is where every user starts, e.g. embeddings of real tokens of the LLM."""
+    if kind == "uniform":
+        return UniformUserModel(n_users, n_tokens, dim, init=init)
+    if kind == "individual":
+        return IndividualUserModel(n_users, n_tokens, dim, init=init, sparse=sparse)
+    if kind == "cluster":
+        return ClusterUserModel(n_users, n_tokens, dim, n_clusters, init=init, centre_std=init_std, sparse=sparse)
+    raise ValueError(f"unknown user model kind {kind!r}; expected one of 'uniform', 'individual', 'cluster'")
