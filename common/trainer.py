@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +110,10 @@ class TrainLoop:
         bar = tqdm(range(start, tr.max_steps), desc=self.desc, initial=start, total=tr.max_steps, dynamic_ncols=True)
         t_start, tokens = time.time(), 0
         last = {}
+        step_sleep = float(os.environ.get("PRLHF_STEP_SLEEP", "0"))  # test aid: widen the window for kill tests
         for step in bar:
+            if step_sleep:
+                time.sleep(step_sleep)
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * lr_factor(step, tr.warmup_steps, tr.max_steps, tr.lr_scheduler)
             stats_sum: dict[str, float] = {}

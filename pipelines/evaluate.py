@@ -87,7 +87,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
             users = _generation_users(records, vocab, cfg.eval.generation_users)
             generation = generate_per_user(policy, encoder, prompts, users, cfg.eval.max_new_tokens, pad_id, bs)
             if route == "ppo":
-                generation["rm_reward"] = _rm_rewards_of_generations(cfg, generation, users, device)
+                generation["rm_reward"] = _rm_rewards_of_generations(info.get("rm_run") or cfg.ppo.rm_run,
+                                                                     generation, users, device)
     words = (generation or {}).get("users", {})
     metrics = accuracy_metrics(route, records, vocab, margins, generic, response_words=words)
     if generation is not None:
@@ -110,14 +111,11 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
     return metrics
 
 
-def _rm_rewards_of_generations(cfg, generation, users, device) -> dict:
+def _rm_rewards_of_generations(rm_run: str, generation: dict, users: dict, device) -> dict:
     """Mean RM reward of each user's greedy responses, scored for that user (PPO runs)."""
-    try:
-        from policy.ppo.roles import load_reward_role
-    except ImportError:
-        return {}
-    reward = load_reward_role(cfg.ppo.rm_run, device)
-    return reward.score_texts_per_user(generation, users) if hasattr(reward, "score_texts_per_user") else {}
+    from policy.ppo.roles import load_reward_role
+
+    return load_reward_role(rm_run, device).score_texts_per_user(generation, users)
 
 
 def log_metrics(tracker: Tracker, metrics: dict) -> None:

@@ -16,7 +16,7 @@ def generate_per_user(policy, encoder, prompts: list[str], users: dict[str, int]
     tok = encoder.tok
     prompt_ids = [encoder.prompt_ids(p) for p in prompts]
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id)
-    result: dict = {"users": {}, "examples": {}}
+    result: dict = {"users": {}, "examples": {}, "texts": {}}
     targets = [(label, idx, False) for label, idx in users.items()]
     if include_reference:
         targets.append(("<reference>", 0, True))
@@ -29,5 +29,7 @@ def generate_per_user(policy, encoder, prompts: list[str], users: dict[str, int]
             texts += [tok.decode(o, skip_special_tokens=True).strip() for o in out]
         mean_words = sum(words(t) for t in texts) / max(len(texts), 1)
         result["users"][label] = mean_words
-        result["examples"][label] = [{"prompt": p, "response": t} for p, t in zip(prompts, texts)][:sample_outputs]
+        rows = [{"prompt": p, "response": t} for p, t in zip(prompts, texts)]
+        result["texts"][label] = rows
+        result["examples"][label] = rows[:sample_outputs]
     return result

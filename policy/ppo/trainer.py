@@ -264,7 +264,7 @@ class PPOTrainer:
                 for k, v in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("loss/total", loss),
                              ("policy/clipfrac", clipfrac), ("policy/approx_kl", approx_kl),
                              ("value/clipfrac", vf_clipfrac), ("policy/entropy", masked_mean(entropy, mask))):
-                    sums[k] += float(v)
+                    sums[k] += float(v.detach())
                 if norm is not None:
                     sums["train/grad_norm"] += norm
         out = {k: v / max(n_steps, 1) for k, v in sums.items()}

@@ -1,0 +1,135 @@
+"""`python -m pipelines.demo [--fast] [--out DIR]`: the whole pipeline on the embedded default, end to end.
+
+On the length-conflict task (seed section 5.1: users user_4..user_6 prefer short answers, the other seven long
+ones) with SmolLM2-135M: train_rm -> evaluate -> train_ppo -> evaluate -> train_pdpo -> evaluate -> vanilla
+baselines (uniform user model, alpha = 1) for RM and DPO -> compare. Prints the time of each stage and the
+comparison table, and writes one run folder per stage plus compare/report.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from common.config import ConfigError, load_config
+from pipelines._cli import setup_logging
+from preference_data.records import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (stage name, module, config file, extra overrides). Vanilla = the same code with the uniform user model.
+STAGES = [
+    ("rm", "train_rm", "configs/demo/rm.yaml", []),
+    ("ppo", "train_ppo", "configs/demo/ppo.yaml", []),
+    ("pdpo", "train_pdpo", "configs/demo/pdpo.yaml", []),
+    ("rm_vanilla", "train_rm", "configs/demo/rm.yaml", ["user_model.kind=uniform", "loss.alpha=1.0"]),
+    ("dpo_vanilla", "train_pdpo", "configs/demo/pdpo.yaml", ["user_model.kind=uniform", "loss.alpha=1.0"]),
+]
+
+FAST = {  # --fast: the same pipeline, fewer steps and a smaller held-out set (weaker effect allowed)
+    "train_rm": ["train.max_steps=12", "data.max_eval_records=100"],
+    "train_pdpo": ["train.max_steps=12", "data.max_eval_records=100", "data.max_train_records=400",
+                   "eval.n_generation_prompts=4"],
+    "train_ppo": ["train.max_steps=3", "eval.n_generation_prompts=4", "data.max_eval_records=100"],
+}
+
+
+def build_stage_configs(out: Path, fast: bool, model: str | None = None, extra: list[str] | None = None):
+    data_dir = out / "data"
+    configs = []
+    for name, module, cfg_file, overrides in STAGES:
+        ov = [f"output_dir={out / name}", f"data.train_path={data_dir / 'train.jsonl'}",
+              f"data.eval_path={data_dir / 'eval.jsonl'}", f"wandb.group=demo-{out.name}"] + overrides
+        if module == "train_ppo":
+            ov.append(f"ppo.rm_run={out / 'rm'}")
+        if fast:
+            ov += FAST[module]
+        if model:
+            ov.append(f"model.name={model}")
+        ov += extra or []
+        configs.append((name, module, load_config(ROOT / cfg_file, ov)))  # all validated before any training
+    return configs
+
+
+def run_demo(out: Path, fast: bool = False, model: str | None = None, extra: list[str] | None = None,
+             stages: list[str] | None = None) -> dict:
+    from preference_data.length_conflict import write_length_conflict
+    from pipelines import compare as compare_mod
+    from pipelines import train_pdpo, train_ppo, train_rm
+
+    modules = {"train_rm": train_rm, "train_pdpo": train_pdpo, "train_ppo": train_ppo}
+    configs = build_stage_configs(out, fast, model, extra)
+    if stages:
+        configs = [c for c in configs if c[0] in stages]
+    timings = {}
+    t0 = time.time()
+    summary = write_length_conflict(out / "data", seed=configs[0][2].seed,
+                                    n_eval_prompts=10 if fast else 15)
+    timings["data"] = time.time() - t0
+    total = len(configs) + 2
+    print(f"[1/{total}] data: {summary['train']['records']} train / {summary['eval']['records']} held-out pairs, "
+          f"{len(summary['users'])} users (minority {', '.join(summary['minority'])})", flush=True)
+    for k, (name, module, cfg) in enumerate(configs, start=2):
+        print(f"[{k}/{total}] {name}: {module} ({cfg.user_model.kind} user model, alpha={cfg.loss.alpha})",
+              flush=True)
+        t = time.time()
+        modules[module].run(cfg)
+        timings[name] = time.time() - t
+        print(f"[{k}/{total}] {name}: done in {timings[name]:.0f} s", flush=True)
+    print(f"[{total}/{total}] compare", flush=True)
+    t = time.time()
+    order = [n for n in ("rm", "rm_vanilla", "pdpo", "dpo_vanilla", "ppo") if (out / n / "metrics.json").exists()]
+    comp = compare_mod.compare([out / n for n in order], out / "compare")
+    timings["compare"] = time.time() - t
+    timings["total"] = time.time() - t0
+    (out / "compare" / "timings.json").write_text(json.dumps(timings, indent=1))
+    return {"comparison": comp, "timings": timings}
+
+
+def print_summary(result: dict, out: Path) -> None:
+    comp, timings = result["comparison"], result["timings"]
+    labels = [r["label"] for r in comp["runs"]]
+    print("\nHeld-out accuracy per group (r(x,y_w,u) > r(x,y_l,u); DPO: implicit reward)")
+    print(f"{'group':<12}" + "".join(f"{l:>13}" for l in labels))
+    for g, vals in comp["per_group_accuracy"].items():
+        print(f"{g:<12}" + "".join(f"{_f(vals.get(l)):>13}" for l in labels))
+    print(f"{'generic u0':<12}" + "".join(f"{_f(comp['generic_accuracy'].get(l)):>13}" for l in labels))
+    if comp["response_words_by_group"]:
+        print("\nMean greedy response length (words)")
+        cols = sorted({c for v in comp["response_words_by_group"].values() for c in v})
+        print(f"{'run':<16}" + "".join(f"{c:>14}" for c in cols))
+        for run, vals in comp["response_words_by_group"].items():
+            print(f"{run:<16}" + "".join(f"{_f(vals.get(c), 1):>14}" for c in cols))
+    print("\nStage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print(f"\nReport: {out / 'compare' / 'report.md'}")
+
+
+def _f(x, d=3):
+    return "-" if x is None else f"{x:.{d}f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", action="store_true", help="smaller settings (about 8 minutes on 2 cores)")
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--model", default=None, help="model.name for every stage (default: the configs' smollm2-135m)")
+    parser.add_argument("--stages", nargs="*", help="run only these stages (rm ppo pdpo rm_vanilla dpo_vanilla)")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="applied to every stage")
+    args = parser.parse_args(argv)
+    setup_logging()
+    out = Path(args.out)
+    try:
+        result = run_demo(out, args.fast, args.model, args.overrides, args.stages)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(result, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""PPO: the arithmetic against hand computations, the roles (alignment, reference, per-user reward), and the
+train_ppo stage end to end on tiny-random (plain torch, DeepSpeed ZeRO-2 on CPU, exact resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from common.batching import collate_sequences  # noqa: E402
+from common.config import load_config  # noqa: E402
+from common.run import build_backbone, prepare_run_dir, save_artifacts, write_run_info  # noqa: E402
+from policy.model import PersonalizedPolicy  # noqa: E402
+from policy.ppo.core import (  # noqa: E402
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    compute_gae,
+    entropy_from_logits,
+    per_token_kl_rewards,
+    whiten,
+)
+from policy.ppo.roles import (  # noqa: E402
+    Actor,
+    Critic,
+    Reference,
+    build_roles,
+    load_reward_role,
+    response_index,
+)
+from preference_data.vocab import UserVocab  # noqa: E402
+from reward.model import PersonalizedRewardModel  # noqa: E402
+
+from conftest import toy_rows, write_jsonl  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+def make_rm_run(folder: Path, users=("a", "b"), offset_std: float = 1.0) -> Path:
+    """A finished train_rm run folder built directly with common.run (no training): tiny-random backbone whose
+    user offsets are clearly different, so that the RM's reward depends on the user."""
+    cfg = load_config(None, ["model.name=tiny-random", f"output_dir={folder}", "report_to=none",
+                             "user_model.kind=individual"])
+    run_dir = prepare_run_dir(cfg)
+    vocab = UserVocab(users)
+    vocab.save(run_dir / "users.json")
+    backbone, _ = build_backbone(cfg, len(vocab), CPU)
+    with torch.no_grad():
+        backbone.user_model.implicit.offsets.weight[1:].normal_(0.0, offset_std)
+    rm = PersonalizedRewardModel(backbone)
+    save_artifacts(run_dir, backbone, {"score": rm.score})
+    write_run_info(run_dir, cfg, "train_rm", backbone, vocab, extra={"route": "rm"})
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def rm_run(tmp_path_factory):
+    return make_rm_run(tmp_path_factory.mktemp("rm") / "rm")
+
+
+@pytest.fixture(scope="module")
+def ppo_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ppo_data")
+    rows = toy_rows(6)
+    return write_jsonl(folder / "train.jsonl", rows), write_jsonl(folder / "eval.jsonl", rows[:4])
+
+
+def ppo_overrides(out: Path, train: Path, rm_run: Path, **extra) -> list[str]:
+    base = {"model.name": "tiny-random", "output_dir": str(out), "report_to": "none", "data.train_path": str(train),
+            "ppo.rm_run": str(rm_run), "train.max_steps": 1, "ppo.rollout_batch_size": 4, "ppo.minibatch_size": 2,
+            "ppo.ppo_epochs": 2, "ppo.max_new_tokens": 6, "ppo.generic_user_share": 0.25, "train.lr": 0.003}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+# ------------------------------------------------------------------------------------------------ core
+
+
+def test_gae_hand_computed():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 7.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3], [0.2, 0.1, 9.0]])  # row 2's third position is padding
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv, ret = compute_gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # row 1: deltas 3 - .3 = 2.7; 2 + .9 * .3 - .4 = 1.87; 1 + .9 * .4 - .5 = .86 ; gamma * lam = .72
+    a12 = 2.7
+    a11 = 1.87 + 0.72 * a12
+    a10 = 0.86 + 0.72 * a11
+    # row 2 ends after 2 tokens: no bootstrap from the padding value 9, no reward 7 counted
+    a21 = 5.0 - 0.1
+    a20 = 4.0 + 0.9 * 0.1 - 0.2 + 0.72 * a21
+    expected = torch.tensor([[a10, a11, a12], [a20, a21, 0.0]])
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert torch.allclose(ret, (expected + values) * mask, atol=1e-6)
+    # gamma = lam = 1: advantage = reward-to-go minus value
+    adv1, _ = compute_gae(rewards, values, mask, 1.0, 1.0)
+    assert torch.allclose(adv1[0], torch.tensor([6.0 - 0.5, 5.0 - 0.4, 3.0 - 0.3]), atol=1e-6)
+
+
+def test_kl_rewards_zero_kl_and_score_at_last_token():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    score = torch.tensor([2.0, -1.0])
+    rewards, kl = per_token_kl_rewards(logp, logp.clone(), mask, 0.1, score)
+    assert torch.equal(kl, torch.zeros_like(kl))
+    assert torch.allclose(rewards, torch.tensor([[0.0, 0.0, 2.0], [0.0, -1.0, 0.0]]))
+    ref = torch.tensor([[-1.5, -2.0, -0.25], [-0.3, -0.2, -9.0]])
+    rewards, kl = per_token_kl_rewards(logp, ref, mask, 0.1, score)
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -0.25], [0.0, -0.5, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 0.025 + 2.0], [0.0, 0.05 - 1.0, 0.0]]))
+
+
+def test_clipped_policy_loss_hand_computed():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 3.0]]))  # ratios; the last token is padding
+    adv = torch.tensor([[1.0, 1.0, -2.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, clipfrac, approx_kl = clipped_policy_loss(logp, old, adv, mask, clip=0.2)
+    # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(-0.5, -0.8) = -0.5; token 3: max(2.2, 2.2) = 2.2
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(1 / 3)
+    k3 = [(r - 1) - math.log(r) for r in (1.5, 0.5, 1.1)]
+    assert approx_kl.item() == pytest.approx(sum(k3) / 3, abs=1e-6)
+    # at ratio 1 the loss is -mean(advantage) and its gradient -adv / n
+    lp = torch.zeros(1, 3, requires_grad=True)
+    loss, clipfrac, approx_kl = clipped_policy_loss(lp, torch.zeros(1, 3), torch.tensor([[1.0, -2.0, 4.0]]),
+                                                    torch.ones(1, 3), 0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.0) and clipfrac.item() == 0 and approx_kl.item() == 0
+    assert torch.allclose(lp.grad, torch.tensor([[-1.0, 2.0, -4.0]]) / 3)
+
+
+def test_clipped_value_loss_hand_computed():
+    values = torch.tensor([[1.0, 0.0, 2.0]])
+    old = torch.tensor([[0.5, 0.0, 0.0]])
+    returns = torch.tensor([[2.0, 1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, clipfrac = clipped_value_loss(values, old, returns, mask, clip=0.2)
+    # token 1: V_clip = 0.7: max((1-2)^2, (0.7-2)^2) = 1.69 (clipped one larger); token 2: max(1, 1) = 1
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_whiten_entropy_and_kl_controllers():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    w = whiten(x, mask)
+    real = w[mask.bool()]
+    assert real.mean().abs() < 1e-6 and real.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert torch.equal(w[~mask.bool()], torch.zeros(2))
+    assert entropy_from_logits(torch.zeros(2, 7)).allclose(torch.full((2,), math.log(7)))
+    assert entropy_from_logits(torch.tensor([[0.0, -1e9]])).item() == pytest.approx(0.0, abs=1e-6)
+
+    fixed = FixedKLController(0.05)
+    fixed.update(100.0, 8)
+    assert fixed.value == 0.05
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    ctl.update(12.0, n_steps=10)  # error clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    ctl.update(5.0, n_steps=10)  # error 5/6 - 1
+    assert ctl.value == pytest.approx(0.1 * 1.02 * (1 + (5 / 6 - 1) * 0.1))
+    other = AdaptiveKLController(1.0, 1.0, 1)
+    other.load_state_dict(json.loads(json.dumps(ctl.state_dict())))
+    assert (other.value, other.target, other.horizon) == (ctl.value, 6.0, 100)
+
+
+# ------------------------------------------------------------------------------------------------ roles
+
+
+def _tiny_cfg(tmp_path, *extra):
+    return load_config(None, ["model.name=tiny-random", f"output_dir={tmp_path / 'x'}", "report_to=none",
+                              "data.max_response_length=16", *extra])
+
+
+def test_response_index_alignment():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, 8, 9, -100]])
+    rows, cols, k = response_index(labels)
+    # hidden position c predicts label c + 1
+    assert rows.tolist() == [0, 0, 1, 1, 1] and cols.tolist() == [1, 2, 0, 1, 2] and k.tolist() == [0, 1, 0, 1, 2]
+
+
+def test_roles_logps_reference_and_values(tmp_path):
+    torch.manual_seed(0)
+    cfg = _tiny_cfg(tmp_path, "ppo.temperature=1.0")
+    modules, actor, critic, reference, tok = build_roles(cfg, 2, CPU)
+    with torch.no_grad():
+        modules.value_head.weight.normal_()
+    prompts, responses = [[10, 11, 12], [13, 14]], [[20, 21, tok.eos_token_id], [22, 23, 24, 25]]
+    batch = collate_sequences(prompts, responses, [1, 2], [[], []], tok.pad_token_id)
+    policy = actor.policy
+    with torch.no_grad():
+        hidden, inputs = actor.hidden(batch)
+        logps, mask, entropy = actor.token_logps(hidden, inputs, width=5, with_entropy=True)
+        ref = reference.token_logps(batch, width=5)
+        # per-token log-probs sum to the policy's sequence log-probs (user prefix) / reference log-probs (none)
+        assert torch.allclose(logps.sum(1), policy.sequence_logps(batch), atol=1e-5)
+        assert torch.allclose(ref.sum(1), policy.reference_logps(batch), atol=1e-5)
+        assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+        assert (entropy[mask.bool()] > 0).all() and (entropy[~mask.bool()] == 0).all()
+        # a fresh LoRA (B = 0) changes nothing: without the prefix the actor *is* the reference, so the KL
+        # term is exactly zero; the user prefix is what makes them differ at the start of PPO
+        h0, in0 = actor.backbone.hidden_states(batch, use_prefix=False)
+        same, _, _ = actor.token_logps(h0, in0, width=5)
+        assert torch.allclose(same, ref, atol=1e-6)
+        _, kl = per_token_kl_rewards(same, ref, mask, 0.1, torch.zeros(2))
+        assert kl.abs().max() < 1e-6
+        assert not torch.allclose(logps, ref, atol=1e-4)
+        # values: the head on the hidden state that predicts each response token
+        values = critic.values(batch, 5, hidden, inputs)
+        rows, cols, k = response_index(inputs.labels)
+        expected = modules.value_head(hidden[:, :-1][rows, cols]).squeeze(-1)
+        assert torch.allclose(values[rows, k], expected, atol=1e-6) and (values[~mask.bool()] == 0).all()
+    with pytest.raises(ValueError, match="shared critic"):
+        critic.values(batch, 5)
+
+
+def test_separate_critic_has_its_own_backbone(tmp_path):
+    cfg = _tiny_cfg(tmp_path, "ppo.critic=separate")
+    modules, actor, critic, reference, tok = build_roles(cfg, 2, CPU)
+    assert not critic.shared and critic.backbone is not actor.backbone
+    names = {n.split(".")[0] for n, p in modules.named_parameters() if p.requires_grad}
+    assert names == {"actor", "critic", "value_head"}
+    batch = collate_sequences([[10, 11]], [[20, 21]], [1], [[]], tok.pad_token_id)
+    with torch.no_grad():
+        assert critic.values(batch, 3).shape == (1, 3)
+
+
+def test_reward_scores_each_sample_for_its_user(rm_run):
+    reward = load_reward_role(rm_run, CPU)
+    assert all(not p.requires_grad for p in reward.model.parameters())
+    prompts, responses = ["Tell me about tea."] * 2, ["Tea matters a lot."] * 2
+    r_ab = reward.score(prompts, responses, ["a", "b"])
+    r_ba = reward.score(prompts, responses, ["b", "a"])
+    assert abs(r_ab[0] - r_ab[1]) > 1e-4, "the RM's users differ, so must the rewards"
+    assert torch.allclose(r_ab, r_ba.flip(0))
+    # unknown ids and None are the generic user 0; ids map through the RM's own users.json
+    r_gen = reward.score(prompts, responses, [None, "somebody-else"])
+    assert torch.allclose(r_gen[0], r_gen[1]) and not torch.allclose(r_gen[0], r_ab[0])
+    enc = reward.encoder
+    batch = collate_sequences([enc.prompt_ids(prompts[0])] * 2, [enc.response_ids(responses[0])] * 2,
+                              [reward.vocab.index("b"), 0], [[], []], reward.tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(reward.model(batch), torch.stack([r_ab[1], r_gen[0]]), atol=1e-6)
+    # a response cut by max_new_tokens has no EOS appended, so it scores differently
+    assert not torch.allclose(reward.score(prompts[:1], responses[:1], ["a"], ended=[False]), r_ab[:1])
+
+
+def test_actor_logps_are_those_of_the_sampling_distribution(tmp_path):
+    """Re-scoring sampled tokens gives generate's own (temperature-scaled) log-probs: the ratio PPO optimises is
+    that of the distribution the rollout sampled from."""
+    from common.batching import pad
+    from user_models import prepend_prefix
+
+    cfg = _tiny_cfg(tmp_path, "ppo.temperature=0.7")
+    modules, actor, _, _, tok = build_roles(cfg, 2, CPU)
+    with torch.no_grad():
+        actor.backbone.user_model.implicit.offsets.weight[1:].normal_(0.0, 1.0)
+    modules.eval()
+    prompts, users = [[10, 11, 12, 13], [14, 15]], torch.tensor([1, 2])
+    lm = actor.backbone.base_lm
+    with torch.no_grad():
+        ids, mask = pad(prompts, tok.pad_token_id, "left"), pad([[1] * len(p) for p in prompts], 0, "left")
+        prefix = actor.backbone.user_model(users, embed_tokens=lm.get_input_embeddings())
+        inp = prepend_prefix(prefix.embeds, prefix.mask, lm.get_input_embeddings()(ids), mask, padding_side="left")
+        out = lm.generate(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask, do_sample=True,
+                          temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=5, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_scores=True)
+        sampled = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)
+        sampled = sampled.gather(-1, out.sequences.unsqueeze(-1)).squeeze(-1)
+        batch = collate_sequences(prompts, out.sequences.tolist(), users.tolist(), [[], []], tok.pad_token_id)
+        hidden, inputs = actor.hidden(batch)
+        logps, _, _ = actor.token_logps(hidden, inputs, out.sequences.shape[1])
+    assert torch.allclose(logps, sampled, atol=1e-5)
+
+
+def test_rollout_pairs_seeded_and_first_ratio_is_one(tmp_path, rm_run, ppo_data):
+    from policy.ppo.trainer import PPOTrainer
+
+    cfg = load_config(None, ppo_overrides(tmp_path / "ppo", ppo_data[0], rm_run, **{"ppo.rollout_batch_size": 8}))
+    vocab = UserVocab.load(rm_run / "users.json")
+    modules, actor, critic, reference, tok = build_roles(cfg, len(vocab), CPU)
+    reward = load_reward_role(rm_run, CPU)
+    trainer = PPOTrainer(cfg, tmp_path / "ppo", modules, actor, critic, reference, reward, tok, vocab,
+                         ["Tell me about tea.", "Tell me about salt."])
+    pairs = trainer.sample_pairs(3)
+    assert pairs == trainer.sample_pairs(3) and pairs != trainer.sample_pairs(4)
+    assert sum(u is None for _, u in pairs) == 2  # round(0.25 * 8) generic samples
+    ro = trainer.rollout(0)
+    assert ro.logps.shape == ro.mask.shape == ro.advantages.shape == (8, ro.width)
+    assert set(ro.user_ids) <= {None, "a", "b"}
+    # each sample was scored for the user it was generated for
+    prompts = [trainer.prompts[i] for i in ro.prompt_index]
+    assert torch.allclose(ro.raw_scores, reward.score(prompts, ro.responses, ro.user_ids, ro.ended.tolist()))
+    swapped = [{"a": "b", "b": "a"}.get(u) for u in ro.user_ids]
+    assert not torch.allclose(ro.raw_scores, reward.score(prompts, ro.responses, swapped, ro.ended.tolist()))
+    m = ro.mask.bool()
+    assert ro.advantages[m].mean().abs() < 1e-5 and (ro.advantages[~m] == 0).all()
+    # recomputing on a minibatch in training mode reproduces the rollout's log-probs: ratio 1 at the first step
+    idx = [5, 1]
+    batch = ro.batch(idx, tok.pad_token_id, CPU)
+    modules.train()
+    with torch.no_grad():
+        hidden, inputs = actor.hidden(batch)
+        logp, _, _ = actor.token_logps(hidden, inputs, ro.width)
+    assert torch.allclose(logp, ro.logps[idx], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+
+def test_train_ppo_refuses_missing_or_unfinished_rm_run(tmp_path, ppo_data, monkeypatch, capsys):
+    import common.run
+    from pipelines.train_ppo import main
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before ppo.rm_run was checked")
+
+    monkeypatch.setattr(common.run, "load_causal_lm", no_model)
+    args = [f"data.train_path={ppo_data[0]}", f"output_dir={tmp_path / 'out'}", "model.name=tiny-random",
+            "report_to=none"]
+    assert main(args) == 2
+    assert "ppo.rm_run" in capsys.readouterr().err
+    unfinished = tmp_path / "rm_unfinished"
+    (unfinished / "checkpoint").mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("seed: 0\n")
+    assert main(args + [f"ppo.rm_run={unfinished}"]) == 2
+    err = capsys.readouterr().err
+    assert "ppo.rm_run" in err and "not a finished train_rm run" in err
+    assert main(args + [f"ppo.rm_run={tmp_path / 'nowhere'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_ppo_end_to_end(tmp_path, rm_run, ppo_data):
+    from common.run import load_backbone_from_run, load_head
+    from pipelines.train_ppo import run
+    from policy.ppo.roles import new_value_head
+
+    out = tmp_path / "ppo"
+    cfg = load_config(None, ppo_overrides(out, ppo_data[0], rm_run, **{"train.max_steps": 2}))
+    run(cfg)
+    for name in ("config.yaml", "users.json", "run.json", "metrics_log.jsonl", "ppo_history.json", "metrics.json",
+                 "report.md", "checkpoint/user_model.json", "checkpoint/adapter/adapter_model.safetensors",
+                 "checkpoint/value_head.safetensors", "plots/ppo_reward.png"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "users.json").read_text()) == json.loads((rm_run / "users.json").read_text())
+    info = json.loads((out / "run.json").read_text())
+    assert info["route"] == "ppo" and Path(info["rm_run"]) == rm_run.resolve()
+    history = json.loads((out / "ppo_history.json").read_text())
+    assert [h["iteration"] for h in history["iterations"]] == [1, 2]
+    for h in history["iterations"]:
+        assert set(h["reward"]) == set(h["response_words"]) and set(h["reward"]) <= {"<generic>", "a", "b"}
+        assert all(math.isfinite(v) for v in h["reward"].values())
+    logged = [json.loads(line) for line in (out / "metrics_log.jsonl").read_text().splitlines()]
+    for key in ("reward/mean", "kl/seq", "policy/entropy", "policy/clipfrac", "loss/value", "length/words",
+                "perf/rollout_tokens_per_s", "perf/train_tokens_per_s"):
+        assert key in logged[0], key
+    assert any(k.startswith("reward/user/") for k in logged[0])
+    # the run loads back as a policy (what evaluate does) and its value head as a Linear
+    _, backbone, _, vocab, _ = load_backbone_from_run(out, CPU)
+    assert len(vocab) == 2 and isinstance(PersonalizedPolicy(backbone), PersonalizedPolicy)
+    load_head(out, "value", new_value_head(backbone.hidden_size, torch.float32))
+
+
+def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    ck = run_dir / "checkpoint"
+    out = {}
+    for f in ("user_model.safetensors", "value_head.safetensors", "adapter/adapter_model.safetensors"):
+        out.update({f"{f}:{k}": v for k, v in load_file(str(ck / f)).items()})
+    return out
+
+
+def test_resume_after_checkpoint_is_exact(tmp_path, rm_run, ppo_data, monkeypatch):
+    from pipelines.train_ppo import run
+    from policy.ppo import trainer as ppo_trainer
+
+    args = {"train.max_steps": 2, "train.save_every": 1}
+    run(load_config(None, ppo_overrides(tmp_path / "straight", ppo_data[0], rm_run, **args)))
+
+    original = ppo_trainer.PPOTrainer.update
+
+    def crash_in_second_iteration(self, ro, iteration):
+        if iteration == 1:
+            raise KeyboardInterrupt("killed")
+        return original(self, ro, iteration)
+
+    monkeypatch.setattr(ppo_trainer.PPOTrainer, "update", crash_in_second_iteration)
+    cfg = load_config(None, ppo_overrides(tmp_path / "resumed", ppo_data[0], rm_run, **args))
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    assert (tmp_path / "resumed" / "checkpoints" / "step-1" / "COMPLETE").exists()
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
+    monkeypatch.setattr(ppo_trainer.PPOTrainer, "update", original)
+    run(cfg)
+    a, b = _final_params(tmp_path / "straight"), _final_params(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ha = json.loads((tmp_path / "straight" / "ppo_history.json").read_text())["iterations"]
+    hb = json.loads((tmp_path / "resumed" / "ppo_history.json").read_text())["iterations"]
+    assert [h["reward"] for h in ha] == [h["reward"] for h in hb]
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["train"]["resumed_from"] == 1
+
+
+def test_one_iteration_under_deepspeed_zero2_matches_plain_torch(tmp_path, rm_run, ppo_data, monkeypatch):
+    pytest.importorskip("deepspeed")
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `import ... as` would give deepspeed.comm's torch
+
+    from pipelines.train_ppo import run
+
+    # one process needs no shared-memory all-reduce; skip JIT-compiling it (about a minute on a cold cache)
+    monkeypatch.setattr(ds_torch, "build_shm_op", lambda: None)
+    import socket
+
+    with socket.socket() as sock:  # a free port for the one-process gloo group (other test runs may share the host)
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
+    ds_cfg = REPO / "configs" / "deepspeed" / "zero2.json"
+    if not ds_cfg.exists():
+        ds_cfg = tmp_path / "zero2.json"
+        ds_cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": False},
+                                      "zero_allow_untested_optimizer": True, "steps_per_print": 1000000}))
+    from policy.ppo import trainer as ppo_trainer
+
+    engines = []
+    real_engine = ppo_trainer.deepspeed_engine
+
+    def spy(*args, **kwargs):
+        engines.append(real_engine(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(ppo_trainer, "deepspeed_engine", spy)
+    run(load_config(None, ppo_overrides(tmp_path / "plain", ppo_data[0], rm_run)))
+    assert not engines
+    run(load_config(None, ppo_overrides(tmp_path / "ds", ppo_data[0], rm_run, **{"train.deepspeed": str(ds_cfg)})))
+    assert len(engines) == 1 and engines[0][0].zero_optimization_stage() == 2
+    a, b = _final_params(tmp_path / "plain"), _final_params(tmp_path / "ds")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    la = json.loads((tmp_path / "plain" / "metrics_log.jsonl").read_text().splitlines()[0])
+    lb = json.loads((tmp_path / "ds" / "metrics_log.jsonl").read_text().splitlines()[0])
+    assert lb["loss/total"] == pytest.approx(la["loss/total"], abs=1e-6)

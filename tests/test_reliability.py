@@ -1,0 +1,149 @@
+"""Issue 6: resume after SIGKILL, atomic checkpoints, NaN guard, refusal of mismatched run folders."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import checkpoint as ckpt
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_stage(stage, overrides, env=None, wait=True):
+    cmd = [sys.executable, "-m", f"pipelines.{stage}"] + overrides
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    return proc
+
+
+def _final_weights(run_dir: Path) -> dict:
+    w = load_file(str(run_dir / "checkpoint" / "user_model.safetensors"))
+    w.update({f"adapter.{k}": v for k, v in load_file(
+        str(run_dir / "checkpoint" / "adapter" / "adapter_model.safetensors")).items()})
+    return w
+
+
+@pytest.mark.parametrize("stage", ["train_rm", "train_pdpo"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, toy_data, stage):
+    train, evals = toy_data
+    common = {"train.max_steps": 12, "train.save_every": 3, "eval.n_generation_prompts": 0}
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    _run_stage(stage, tiny_overrides(tmp_path, train, evals, output_dir=ref_dir, **common))
+
+    over = tiny_overrides(tmp_path, train, evals, output_dir=killed_dir, **common)
+    proc = _run_stage(stage, over, env={"PRLHF_STEP_SLEEP": "0.3"}, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ckpt.list_checkpoints(killed_dir / "checkpoints"):
+        time.sleep(0.05)
+    time.sleep(0.4)  # let it run into the next steps, then kill without warning
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = ckpt.list_checkpoints(killed_dir / "checkpoints")
+    assert done and done[-1][0] < 12, "the kill must land mid-run"
+    assert not (killed_dir / "checkpoint").exists()
+
+    _run_stage(stage, over)  # train.resume=auto is the default
+    log = [json.loads(l) for l in (killed_dir / "metrics_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 12
+    a, b = _final_weights(ref_dir), _final_weights(killed_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    m_ref = json.loads((ref_dir / "metrics.json").read_text())
+    m_kill = json.loads((killed_dir / "metrics.json").read_text())
+    assert m_ref["overall"] == m_kill["overall"]
+    assert m_ref["training"]["final_loss"] == pytest.approx(m_kill["training"]["final_loss"], abs=1e-6)
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    ckpt.save_checkpoint(root, 2, model, opt)
+    # A writer killed mid-way: the save of step 4 dies after some files were written.
+    calls = {"n": 0}
+    real = ckpt.save_file
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(root, 4, model, opt)
+    monkeypatch.setattr(ckpt, "save_file", real)
+    # Also a folder that looks like a checkpoint but was never completed.
+    (root / "step-6").mkdir()
+    (root / "step-6" / "trainable.safetensors").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(root) == root / "step-2"
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
+
+
+def test_keep_last_prunes(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, model, None, keep_last=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_checkpoint_refuses_nan(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        ckpt.save_checkpoint(tmp_path, 1, model, None)
+    assert ckpt.list_checkpoints(tmp_path) == []
+    assert not (tmp_path / "step-1").exists()
+
+
+def test_nan_loss_stops_with_step(tmp_path, toy_data):
+    from common.config import load_config
+    from pipelines.train_rm import run
+    from common.trainer import TrainingError
+
+    train, evals = toy_data
+    cfg = load_config(None, tiny_overrides(tmp_path, train, evals, **{"train.lr": 1e30, "train.max_grad_norm": 0.0,
+                                                                       "train.max_steps": 30, "train.save_every": 1}))
+    with pytest.raises(TrainingError, match=r"at step \d+"):
+        run(cfg)
+    for _, path in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints"):
+        for t in load_file(str(path / "trainable.safetensors")).values():
+            assert torch.isfinite(t).all()
+
+
+def test_run_folder_mismatch_refused(tmp_path, toy_data):
+    from common.config import load_config
+    from common.run import load_backbone_from_run
+    from pipelines.train_rm import run
+
+    train, evals = toy_data
+    run(load_config(None, tiny_overrides(tmp_path, train, evals, **{"train.max_steps": 1})))
+    run_dir = tmp_path / "run"
+    users = json.loads((run_dir / "users.json").read_text())
+    users["users"]["zed"] = len(users["users"]) + 1
+    (run_dir / "users.json").write_text(json.dumps(users))
+    with pytest.raises(ValueError, match="user vocabulary"):
+        load_backbone_from_run(run_dir, torch.device("cpu"))
+    users["users"].pop("zed")
+    (run_dir / "users.json").write_text(json.dumps(users))
+    info = json.loads((run_dir / "run.json").read_text())
+    info["model"]["hidden_size"] = 999
+    (run_dir / "run.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="trained on model"):
+        load_backbone_from_run(run_dir, torch.device("cpu"))
