@@ -28,7 +28,7 @@ demo-fast: setup
 	$(BIN)/python -m pipelines.demo --fast
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not slow" tests
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow tests

@@ -141,3 +141,22 @@ def concat_batches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], pad_i
             y = torch.nn.functional.pad(y, (0, w - y.shape[1]), value=fills[key])
         out[key] = torch.cat([x, y], 0)
     return out
+
+
+def unique_pairs(pairs: list[EncodedPair], with_text: bool = True) -> tuple[list[EncodedPair], list[int]]:
+    """Distinct pairs by token content (users ignored) and, for each input pair, the index of its distinct pair.
+
+    Scores that do not depend on the user (the reference policy, everyone as the generic user) are computed once
+    per distinct pair: in per-user data the same comparison is often labelled by many annotators.
+    """
+    index: dict[tuple, int] = {}
+    unique: list[EncodedPair] = []
+    where: list[int] = []
+    for p in pairs:
+        key = (tuple(p.prompt_ids), tuple(p.chosen_ids), tuple(p.rejected_ids),
+               tuple(p.text_ids) if with_text else ())
+        if key not in index:
+            index[key] = len(unique)
+            unique.append(p)
+        where.append(index[key])
+    return unique, where

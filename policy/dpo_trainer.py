@@ -67,6 +67,8 @@ class PersonalizedDPOTrainer:
         users = drop_to_generic(batch["user_idx"][:B], cfg.user_model.dropout_to_generic, g)
         ref_w, ref_l = self.ref_chosen[idx].to(self.device), self.ref_rejected[idx].to(self.device)
         alpha = lc.alpha
+        if self.policy.user_model.kind == "uniform":
+            alpha = 1.0  # every user is the generic user: both terms are the same loss, compute it once
         if lc.estimator == "stochastic" and 0 < alpha < 1:
             users = torch.where(stochastic_generic_mask(B, alpha, g), torch.zeros_like(users), users)
             batch["user_idx"] = users.repeat(2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -62,7 +64,7 @@ class PersonalizedPolicy(nn.Module):
         texts = texts or [[] for _ in prompts]
         text_ids = pad(texts, pad_id).to(device)
         text_mask = pad([[1] * len(t) for t in texts], 0).to(device)
-        ctx = self.backbone.reference() if reference else _null(self.backbone.base_lm)
+        ctx = self.backbone.reference() if reference else contextlib.nullcontext(self.backbone.base_lm)
         with ctx as lm:
             embed = lm.get_input_embeddings()
             token_embeds = embed(input_ids)
@@ -84,14 +86,3 @@ class PersonalizedPolicy(nn.Module):
                     break
             results.append(cut)
         return results
-
-
-class _null:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return False

@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import torch
 
-from common.batching import EncodedPair, collate_pairs
+from common.batching import EncodedPair, collate_pairs, unique_pairs
 
 
 @torch.no_grad()
 def pair_logps(policy, pairs: list[EncodedPair], pad_id: int, batch_size: int, device, reference: bool = False,
                as_generic: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi(y_w|x,u), log pi(y_l|x,u)) per pair; `reference=True` gives log pi_SFT(y|x) (no prefix)."""
+    """(log pi(y_w|x,u), log pi(y_l|x,u)) per pair; `reference=True` gives log pi_SFT(y|x) (no prefix).
+
+    Reference and generic-user scores do not depend on the pair's user, so each distinct pair is scored once.
+    """
+    if reference or as_generic:
+        unique, where = unique_pairs(pairs, with_text=not reference)
+        if len(unique) < len(pairs):
+            if progress is not None:
+                progress.total = len(unique)
+            w, l = _pair_logps(policy, unique, pad_id, batch_size, device, reference, as_generic, progress)
+            idx = torch.tensor(where, dtype=torch.long)
+            return w[idx], l[idx]
+    return _pair_logps(policy, pairs, pad_id, batch_size, device, reference, as_generic, progress)
+
+
+def _pair_logps(policy, pairs: list[EncodedPair], pad_id: int, batch_size: int, device, reference: bool = False,
+               as_generic: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     chosen, rejected = [], []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]

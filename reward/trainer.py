@@ -51,6 +51,8 @@ class RewardModelTrainer:
         pair_users = batch["user_idx"][:B]
         pair_users = drop_to_generic(pair_users, cfg.user_model.dropout_to_generic, g)
         alpha = cfg.loss.alpha
+        if self.rm.user_model.kind == "uniform":
+            alpha = 1.0  # every user is the generic user: both terms are the same loss, compute it once
         if cfg.loss.estimator == "stochastic" and 0 < alpha < 1:
             generic = stochastic_generic_mask(B, alpha, g)
             users = torch.where(generic, torch.zeros_like(pair_users), pair_users)
@@ -72,7 +74,8 @@ class RewardModelTrainer:
             r = self.rm(_to(both, self.device))
             loss, stats = personalized_bt_loss(r[:B], r[B:2 * B], r[2 * B:3 * B], r[3 * B:], alpha,
                                                cfg.loss.label_smoothing, cfg.loss.center_rewards_coef)
-        stats["tokens"] = int(batch["attention_mask"].sum()) * (2 if 0 < alpha < 1 and cfg.loss.estimator == "exact" else 1)
+        two_terms = 0 < alpha < 1 and cfg.loss.estimator == "exact"  # noqa: E501
+        stats["tokens"] = int(batch["attention_mask"].sum()) * (2 if two_terms else 1)
         return loss, stats
 
     def train(self) -> dict:

@@ -125,3 +125,33 @@ def test_other_user_models_train(tmp_path, toy_data, kind):
                                                                          "user_model.n_clusters": 2})))
     assert m["eval"]["overall"]["n"] == 8
     assert (tmp_path / "run" / "checkpoint" / "user_model.json").exists()
+
+
+def test_train_rm_under_deepspeed_zero2_matches_plain_torch(tmp_path, toy_data, monkeypatch):
+    """DeepSpeed ZeRO-2, one process on CPU (gloo): same losses and weights as the plain torch loop."""
+    import importlib
+    import json
+    import socket
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from pipelines.train_rm import run
+    from tests.conftest import tiny_overrides
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    monkeypatch.setattr(ds_torch, "build_shm_op", lambda: None)  # one process: skip the shm all-reduce JIT build
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
+    train, evals = toy_data
+    zero2 = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json"
+    plain = run(load_config(None, tiny_overrides(tmp_path, train, evals, output_dir=tmp_path / "plain",
+                                                 **{"train.max_steps": 3, "eval.n_generation_prompts": 0})))
+    ds = run(load_config(None, tiny_overrides(tmp_path, train, evals, output_dir=tmp_path / "ds",
+                                              **{"train.max_steps": 3, "train.deepspeed": str(zero2)})))
+    assert ds["train"]["final_loss"] == pytest.approx(plain["train"]["final_loss"], abs=1e-5)
+    a = load_file(str(tmp_path / "plain" / "checkpoint" / "user_model.safetensors"))
+    b = load_file(str(tmp_path / "ds" / "checkpoint" / "user_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

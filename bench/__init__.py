@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.run NAME --model M --device cpu|cuda --json FILE` (see bench/RESULTS.md)."""
