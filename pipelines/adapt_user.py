@@ -280,7 +280,7 @@ class RunAdapter:
     def save_users(self, target: Path, extra_info: dict | None = None) -> None:
         """checkpoint/user_model.{safetensors,json}, then users.json, then run.json, each written to a temp file
         and renamed into place. Readers see the old or the new version of each file; between the renames (a
-        moment) a loader refuses the run because the user counts differ, never loads a mismatched pair."""
+        moment) a loader fails (tensor size or user-count check) rather than load a mismatched pair."""
         ckpt = target / "checkpoint"
         tmp = ckpt / f".tmp-adapt-{os.getpid()}"
         if tmp.exists():

@@ -7,7 +7,9 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Tiny models gain nothing from a second thread, and spinning OpenMP threads stall when other jobs share the
+# cores (measured 50x slower); subprocess tests set OMP_NUM_THREADS=1 for the same reason.
+torch.set_num_threads(1)
 
 
 def toy_rows(n_prompts=12, users=(("a", "majority"), ("b", "minority"))):

@@ -52,7 +52,8 @@ class FitResult:
 
     def to_dict(self) -> dict:
         return {"user_idx": self.user_idx, "kind": self.kind, "steps": self.steps, "lr": self.lr,
-                "initial_loss": self.losses[0] if self.losses else None, "final_loss": self.final_loss,
+                "initial_loss": self.losses[0] if self.losses else None,
+                "final_loss": None if math.isnan(self.final_loss) else self.final_loss,
                 "best_step": self.best_step, "wall_s": self.wall_s, "n_parameters": self.n_parameters}
 
 
