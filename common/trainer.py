@@ -158,8 +158,12 @@ class TrainLoop:
                 if self.tracker:
                     self.tracker.log(metrics, step=done)
             if tr.save_every and done % tr.save_every == 0 and done < tr.max_steps:
-                ckpt.save_checkpoint(ckpt_root, done, self.module, optimizer, extra={"history": self.history},
-                                     keep_last=tr.keep_last, engine=engine)
+                try:
+                    ckpt.save_checkpoint(ckpt_root, done, self.module, optimizer, extra={"history": self.history},
+                                         keep_last=tr.keep_last, engine=engine)
+                except FloatingPointError as exc:
+                    raise TrainingError(f"parameters are not finite at step {done}: {exc}. Lower train.lr or "
+                                        "check the data.") from None
         bar.close()
         self.module.eval()
         wall = time.time() - t_start

@@ -25,8 +25,11 @@ STAGES = [
     ("rm", "train_rm", "configs/demo/rm.yaml", []),
     ("ppo", "train_ppo", "configs/demo/ppo.yaml", []),
     ("pdpo", "train_pdpo", "configs/demo/pdpo.yaml", []),
-    ("rm_vanilla", "train_rm", "configs/demo/rm.yaml", ["user_model.kind=uniform", "loss.alpha=1.0"]),
-    ("dpo_vanilla", "train_pdpo", "configs/demo/pdpo.yaml", ["user_model.kind=uniform", "loss.alpha=1.0"]),
+    # the vanilla baselines learn the majority's preference quickly: half the steps
+    ("rm_vanilla", "train_rm", "configs/demo/rm.yaml", ["user_model.kind=uniform", "loss.alpha=1.0",
+                                                        "train.max_steps=30"]),
+    ("dpo_vanilla", "train_pdpo", "configs/demo/pdpo.yaml", ["user_model.kind=uniform", "loss.alpha=1.0",
+                                                             "train.max_steps=30"]),
 ]
 
 FAST = {  # --fast: the same pipeline, fewer steps and a smaller held-out set (weaker effect allowed)
