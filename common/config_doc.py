@@ -20,6 +20,7 @@ Shipped configs:
 | `tldr_length/*.yaml` | TL;DR length-conflict simulation on real posts (seed section 5.1) |
 | `mtbench/*.yaml` | MT-Bench human judges as users |
 | `summary_prefs/*.yaml` | MTurk summary preferences with demographics as user text |
+| `psoups/pdpo.yaml`, `prism/pdpo.yaml` | P-SOUPS profiles and PRISM users (public files, not shipped here) |
 | `deepspeed/zero{0,2,3}.json` | DeepSpeed engines (set `train.deepspeed=configs/deepspeed/zero2.json`) |
 
 This table is generated from `common/config.py` (`python -m common.config_doc > configs/README.md`); a test keeps

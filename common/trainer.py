@@ -43,6 +43,13 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int, micro: int, gra
     return chunk
 
 
+def test_step_delay() -> None:
+    """Test aid: `PRLHF_STEP_SLEEP=seconds` slows every step so that kill-and-resume tests can land mid-run."""
+    delay = float(os.environ.get("PRLHF_STEP_SLEEP", "0") or 0)
+    if delay:
+        time.sleep(delay)
+
+
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -110,10 +117,8 @@ class TrainLoop:
         bar = tqdm(range(start, tr.max_steps), desc=self.desc, initial=start, total=tr.max_steps, dynamic_ncols=True)
         t_start, tokens = time.time(), 0
         last = {}
-        step_sleep = float(os.environ.get("PRLHF_STEP_SLEEP", "0"))  # test aid: widen the window for kill tests
         for step in bar:
-            if step_sleep:
-                time.sleep(step_sleep)
+            test_step_delay()
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * lr_factor(step, tr.warmup_steps, tr.max_steps, tr.lr_scheduler)
             stats_sum: dict[str, float] = {}

@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "to length-conflict")
         try:
             return _run_length_conflict(args)
-        except DataError as exc:
+        except (DataError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 

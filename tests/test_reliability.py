@@ -68,6 +68,36 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, toy_data, stage):
     assert m_ref["training"]["final_loss"] == pytest.approx(m_kill["training"]["final_loss"], abs=1e-6)
 
 
+def test_sigkill_then_resume_matches_uninterrupted_ppo(tmp_path, toy_data):
+    from tests.test_ppo import make_rm_run, ppo_overrides
+
+    train, _ = toy_data
+    rm_run = make_rm_run(tmp_path / "rm")
+    extra = {"train.max_steps": 6, "train.save_every": 2}
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    _run_stage("train_ppo", ppo_overrides(ref_dir, train, rm_run, **extra))
+    over = ppo_overrides(killed_dir, train, rm_run, **extra)
+    proc = _run_stage("train_ppo", over, env={"PRLHF_STEP_SLEEP": "0.5"}, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ckpt.list_checkpoints(killed_dir / "checkpoints"):
+        time.sleep(0.05)
+    time.sleep(0.6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = ckpt.list_checkpoints(killed_dir / "checkpoints")
+    assert done and done[-1][0] < 6 and not (killed_dir / "checkpoint").exists()
+    _run_stage("train_ppo", over)
+    a, b = _final_weights(ref_dir), _final_weights(killed_dir)
+    a.update(load_file(str(ref_dir / "checkpoint" / "value_head.safetensors")))
+    b.update(load_file(str(killed_dir / "checkpoint" / "value_head.safetensors")))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    hist_a = json.loads((ref_dir / "ppo_history.json").read_text())
+    hist_b = json.loads((killed_dir / "ppo_history.json").read_text())
+    assert len(hist_b["iterations"]) == len(hist_a["iterations"]) == 6
+    assert hist_b["iterations"][-1]["reward_mean"] == pytest.approx(hist_a["iterations"][-1]["reward_mean"], abs=1e-6)
+
+
 def test_half_written_checkpoint_is_never_picked(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     model = torch.nn.Linear(3, 1)

@@ -36,7 +36,7 @@ from common import checkpoint as ckpt
 from common.batching import PairEncoder, collate_sequences
 from common.config import Config
 from common.tracking import Tracker
-from common.trainer import TrainingError, deepspeed_engine, lr_factor, make_optimizer
+from common.trainer import TrainingError, deepspeed_engine, lr_factor, make_optimizer, test_step_delay
 from policy.ppo.core import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -343,6 +343,7 @@ class PPOTrainer:
         bar = tqdm(range(start, tr.max_steps), desc="ppo", initial=start, total=tr.max_steps, dynamic_ncols=True)
         t_start, last = time.time(), {}
         for it in bar:
+            test_step_delay()
             lr = self.set_lr(it)
             ro = self.rollout(it)
             stats = self.update(ro, it)
