@@ -16,7 +16,7 @@ from common.config import Config
 from common.run import build_backbone, load_data, pick_device, prepare_run_dir, save_artifacts, write_run_info
 from common.tracking import Tracker
 from pipelines._cli import stage_main
-from pipelines.train_rm import _finish
+from pipelines._stage import finish_run, training_cost
 
 
 def run(cfg: Config) -> dict:
@@ -53,11 +53,7 @@ def run(cfg: Config) -> dict:
                                      eval_fn=quick_eval if eval_pairs else None)
     result = trainer.train()
     save_artifacts(run_dir, backbone, {})
-    cost = {"wall_s": time.time() - t0, "train_wall_s": result["wall_s"],
-            "trainable_parameters": result["trainable_parameters"],
-            "user_model_parameters": backbone.user_model.num_parameters(),
-            "llm_parameters": sum(p.numel() for p in backbone.lm.parameters()),
-            "tokens_per_s": result["last"].get("train/tokens_per_s")}
+    cost = training_cost(t0, result, backbone)
     write_run_info(run_dir, cfg, "train_pdpo", backbone, data.vocab,
                    extra={"route": "dpo", "train": result, "cost": cost, "data": data.report})
     if trainer.loop.history:
@@ -68,7 +64,7 @@ def run(cfg: Config) -> dict:
 
         del policy, backbone, trainer
         metrics["eval"] = evaluate_run(run_dir, data.eval, run_dir / "eval", tracker=tracker)
-    _finish(run_dir, metrics, tracker)
+    finish_run(run_dir, metrics, tracker)
     return metrics
 
 

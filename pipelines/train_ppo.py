@@ -80,9 +80,9 @@ def run(cfg: Config) -> dict:
         from pipelines.evaluate import evaluate_run
 
         metrics["eval"] = evaluate_run(run_dir, data.eval, run_dir / "eval", tracker=tracker)
-    from pipelines.train_rm import _finish
+    from pipelines._stage import finish_run
 
-    _finish(run_dir, metrics, tracker)
+    finish_run(run_dir, metrics, tracker)
     with (run_dir / "report.md").open("a") as fh:
         fh.write("\n![mean RM reward per user](plots/ppo_reward.png)\n"
                  "![response words per user](plots/ppo_words.png)\n")

@@ -6,7 +6,6 @@ Trains the personalized Bradley-Terry reward model r(x, y, u) and writes the con
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -16,6 +15,7 @@ from common.config import Config
 from common.run import (build_backbone, load_data, pick_device, prepare_run_dir, save_artifacts, write_run_info)
 from common.tracking import Tracker
 from pipelines._cli import stage_main
+from pipelines._stage import finish_run, training_cost
 
 
 def run(cfg: Config) -> dict:
@@ -47,11 +47,7 @@ def run(cfg: Config) -> dict:
                                  eval_fn=quick_eval if eval_pairs else None)
     result = trainer.train()
     save_artifacts(run_dir, backbone, {"score": rm.score})
-    cost = {"wall_s": time.time() - t0, "train_wall_s": result["wall_s"],
-            "trainable_parameters": result["trainable_parameters"],
-            "user_model_parameters": backbone.user_model.num_parameters(),
-            "llm_parameters": sum(p.numel() for p in backbone.lm.parameters()),
-            "tokens_per_s": result["last"].get("train/tokens_per_s")}
+    cost = training_cost(t0, result, backbone)
     write_run_info(run_dir, cfg, "train_rm", backbone, data.vocab,
                    extra={"route": "rm", "train": result, "cost": cost, "data": data.report})
     if trainer.loop.history:
@@ -62,31 +58,8 @@ def run(cfg: Config) -> dict:
 
         del rm, backbone
         metrics["eval"] = evaluate_run(run_dir, data.eval, run_dir / "eval", tracker=tracker)
-    _finish(run_dir, metrics, tracker)
+    finish_run(run_dir, metrics, tracker)
     return metrics
-
-
-def _finish(run_dir, metrics: dict, tracker: Tracker) -> None:
-    """metrics.json of the run = its held-out evaluation (contract schema) plus training cost."""
-    import os
-
-    out = dict(metrics.get("eval") or {})
-    out["training"] = {"final_loss": metrics["train"]["final_loss"], **metrics["cost"]}
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, run_dir / "metrics.json")
-    if (run_dir / "eval" / "plots").exists():
-        import shutil
-
-        shutil.copytree(run_dir / "eval" / "plots", run_dir / "plots", dirs_exist_ok=True)
-    report = (run_dir / "eval" / "report.md").read_text() if (run_dir / "eval" / "report.md").exists() else ""
-    train_line = (f"Training: {metrics['train']['steps']} steps, final loss {metrics['train']['final_loss']:.4f}, "
-                  f"{metrics['cost']['train_wall_s']:.0f} s; trainable parameters "
-                  f"{metrics['cost']['trainable_parameters']:,} (user model "
-                  f"{metrics['cost']['user_model_parameters']:,}, LLM {metrics['cost']['llm_parameters']:,}).\n\n")
-    (run_dir / "report.md").write_text(train_line + report + "\n![training loss](plots/train_loss.png)\n")
-    tracker.summary({"train/final_loss": metrics["train"]["final_loss"]})
-    tracker.finish()
 
 
 def main(argv=None) -> int:

@@ -128,3 +128,23 @@ def test_stochastic_estimator_trains(tmp_path, toy_data):
     m = run(load_config(None, tiny_overrides(tmp_path, train, evals, **{"loss.estimator": "stochastic",
                                                                          "eval.n_generation_prompts": 0})))
     assert m["eval"]["overall"]["n"] == 8
+
+
+def test_evaluate_cli_scores_any_file_with_a_finished_run(tmp_path, toy_data):
+    import json
+
+    from pipelines.evaluate import main
+    from pipelines.train_pdpo import run
+    from tests.conftest import tiny_overrides
+
+    train, evals = toy_data
+    run(load_config(None, tiny_overrides(tmp_path, train, evals, **{"train.max_steps": 2,
+                                                                     "eval.n_generation_prompts": 0})))
+    out = tmp_path / "eval_again"
+    assert main(["--run", str(tmp_path / "run"), "--data", str(evals), "--out", str(out),
+                 "eval.n_generation_prompts=1", "eval.max_new_tokens=4"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["route"] == "dpo" and m["overall"]["n"] == 8
+    assert m["generation"]["users"]["<generic>"] is not None
+    assert (out / "plots" / "per_user_accuracy.png").exists() and (out / "report.md").exists()
+    assert main(["--run", str(tmp_path / "nope"), "--data", str(evals)]) == 2
