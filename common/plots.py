@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +14,7 @@ GROUP_COLOURS = {"majority": "#4C72B0", "minority": "#DD8452", None: "#8C8C8C"}
 
 
 def per_user_accuracy(metrics: dict, path: Path, title: str) -> Path:
-    users = list(metrics["per_user"])
+    users = sorted(metrics["per_user"], key=natural_key)
     acc = [metrics["per_user"][u]["accuracy"] or 0.0 for u in users]
     colours = [GROUP_COLOURS.get(metrics["per_user"][u]["group"], "#55A868") for u in users]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(users) + 2), 3.5))
@@ -32,24 +33,34 @@ def per_user_accuracy(metrics: dict, path: Path, title: str) -> Path:
     return path
 
 
+def natural_key(label: str):
+    """user_2 before user_10; labels in <angle brackets> (generic user, reference) last."""
+    parts = [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", label)]
+    return (label.startswith("<"), [(0, p) if isinstance(p, int) else (1, p) for p in parts])
+
+
 def grouped_bars(series: dict[str, dict[str, float]], path: Path, title: str, ylabel: str,
-                 ylim: tuple | None = None) -> Path:
-    """series: {run label: {category: value}} drawn as grouped bars per category."""
+                 ylim: tuple | None = None, hlines: dict[str, float] | None = None) -> Path:
+    """series: {run label: {category: value}} drawn as grouped bars per category (natural order);
+    hlines: {label: value} drawn as dashed reference lines (e.g. the SFT policy's length)."""
     cats = []
     for s in series.values():
         cats += [c for c in s if c not in cats]
+    cats.sort(key=natural_key)
     n = max(len(series), 1)
     width = 0.8 / n
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cats) * max(1, n / 2) + 2), 3.8))
     for k, (label, values) in enumerate(series.items()):
         xs = [i + (k - (n - 1) / 2) * width for i in range(len(cats))]
         ax.bar(xs, [values.get(c) or 0.0 for c in cats], width, label=label)
+    for k, (label, value) in enumerate((hlines or {}).items()):
+        ax.axhline(value, ls="--", lw=1, color=f"C{(len(series) + k) % 10}", label=label)
     ax.set_xticks(range(len(cats)), cats, rotation=60, ha="right", fontsize=8)
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never covers a bar
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -37,13 +37,14 @@ def build_comparison(runs: list[dict]) -> dict:
     per_group = {g: {r["label"]: r["metrics"]["per_group"].get(g, {}).get("accuracy") for r in runs} for g in groups}
     generic = {r["label"]: (r["metrics"].get("generic") or {}).get("accuracy") for r in runs}
     lengths: dict[str, dict[str, float]] = {}
+    reference_words = None
     for r in runs:
         gen = r["metrics"].get("generation")
         if not gen:
             continue
         for label, words in gen["users"].items():
             if label == "<reference>":
-                lengths.setdefault("reference (SFT)", {})["all prompts"] = words
+                reference_words = words
                 continue
             lengths.setdefault(r["label"], {})[label] = words
     length_by_group = {r["label"]: r["metrics"]["generation"].get("per_group", {})
@@ -64,7 +65,8 @@ def build_comparison(runs: list[dict]) -> dict:
                             "llm_parameters": t.get("llm_parameters")}
     return {"runs": [{k: r[k] for k in ("label", "dir", "route", "user_model")} for r in runs],
             "per_user_accuracy": table, "per_group_accuracy": per_group, "generic_accuracy": generic,
-            "response_words": lengths, "response_words_by_group": length_by_group, "cost": cost}
+            "response_words": lengths, "response_words_by_group": length_by_group,
+            "reference_response_words": reference_words, "cost": cost}
 
 
 def _fmt(x, d=3):
@@ -89,8 +91,10 @@ def write_report(comp: dict, out: Path) -> Path:
         pngs.append(plots.grouped_bars(series_group, out / "plots" / "accuracy_per_group.png",
                                        "held-out accuracy per group", "accuracy", (0, 1.05)))
     if comp["response_words"]:
+        ref = comp.get("reference_response_words")
         pngs.append(plots.grouped_bars(comp["response_words"], out / "plots" / "response_words_per_user.png",
-                                       "mean greedy response length per user", "words"))
+                                       "mean greedy response length per user", "words",
+                                       hlines={"reference (SFT)": ref} if ref is not None else None))
         pngs.append(plots.grouped_bars(comp["response_words_by_group"], out / "plots" / "response_words_per_group.png",
                                        "mean greedy response length per group", "words"))
     lines = ["# Comparison", "", "Runs: " + ", ".join(f"`{r['label']}` ({r['route']}, {r['user_model']})"
