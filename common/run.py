@@ -93,6 +93,11 @@ def build_backbone(cfg: Config, n_users: int, device: torch.device):
     embed = lm.get_input_embeddings()
     um = cfg.user_model
     init = init_prefix_from_vocab(embed, um.n_tokens, cfg.seed)
+    if um.kind == "cluster":
+        # Distinct centres from the start (each from other real tokens, centre 0 = the shared start): with near-equal
+        # centres every mixture is the same prefix and the users' weights get no signal to separate them.
+        init = torch.stack([init] + [init_prefix_from_vocab(embed, um.n_tokens, cfg.seed + 1 + k)
+                                     for k in range(um.n_clusters - 1)])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 17)
         user_model = build_user_model(um.kind, n_users, um.n_tokens, embed.embedding_dim, um.n_clusters,

@@ -120,7 +120,11 @@ class ClusterUserModel(ImplicitUserModel):
             raise ValueError(f"n_clusters (K) must be > 0, got {n_clusters}")
         self.n_clusters = n_clusters
         base = init if init is not None else torch.zeros(n_tokens, dim)
-        self.centres = nn.Parameter(base.unsqueeze(0) + centre_std * torch.randn(n_clusters, n_tokens, dim))
+        if base.dim() == 2:  # one start for all centres: break the symmetry with noise
+            base = base.unsqueeze(0).expand(n_clusters, -1, -1)
+        if base.shape != (n_clusters, n_tokens, dim):
+            raise ValueError(f"cluster init must be [T_u, d] or [K, T_u, d], got {tuple(base.shape)}")
+        self.centres = nn.Parameter(base + centre_std * torch.randn(n_clusters, n_tokens, dim))
         self.logits = nn.Embedding(n_users + 1, n_clusters, sparse=sparse)
         with torch.no_grad():
             self.logits.weight.normal_(0.0, logit_std)
@@ -149,7 +153,8 @@ class ClusterUserModel(ImplicitUserModel):
 def build_implicit_user_model(kind: str, n_users: int, n_tokens: int, dim: int, n_clusters: int = 4,
                               init: torch.Tensor | None = None, init_std: float = 0.02,
                               sparse: bool = False) -> ImplicitUserModel:
-    """`init` ([T_u, d]) is where every user starts, e.g. embeddings of real tokens of the LLM."""
+    """`init` ([T_u, d]) is where every user starts, e.g. embeddings of real tokens of the LLM; the cluster model
+    also takes [K, T_u, d], one start per centre."""
     if kind == "uniform":
         return UniformUserModel(n_users, n_tokens, dim, init=init)
     if kind == "individual":
