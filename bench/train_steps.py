@@ -260,36 +260,29 @@ def _n_pairs(a: BenchArgs) -> int:
     return a.batch * max(a.warmup + a.steps, 2)
 
 
-def run_pdpo_step(a: BenchArgs) -> list[dict]:
+def _run_step_bench(a: BenchArgs, tag: str, baseline: str, trl_fn, ours_fn, ours_impls: tuple[str, ...]) -> list[dict]:
+    """TRL's trainer and ours on the same synthetic pairs, one row per requested impl, ratios to TRL."""
     a.batch = a.batch or 8
     tok, n_params = model_meta(a.model)
     pairs = synthetic_pairs(tok, _n_pairs(a), a.prompt_len, a.response_len, a.n_users, a.seed)
     rows = []
-    with run_tmpdir("pdpo") as tmp:
+    with run_tmpdir(tag) as tmp:
         tmp = Path(tmp)
-        if a.want("trl_dpo"):
-            rows.append(trl_dpo(a, pairs, tmp, n_params))
-        for impl in ("dpo", "pdpo", "pdpo_stochastic"):
+        if a.want(baseline):
+            rows.append(trl_fn(a, pairs, tmp, n_params))
+        for impl in ours_impls:
             if a.want(impl):
-                rows.append(ours_dpo(impl, a, pairs, tmp, n_params))
-    _add_ratios(rows, "trl_dpo")
+                rows.append(ours_fn(impl, a, pairs, tmp, n_params))
+    _add_ratios(rows, baseline)
     return rows
+
+
+def run_pdpo_step(a: BenchArgs) -> list[dict]:
+    return _run_step_bench(a, "pdpo", "trl_dpo", trl_dpo, ours_dpo, ("dpo", "pdpo", "pdpo_stochastic"))
 
 
 def run_rm_step(a: BenchArgs) -> list[dict]:
-    a.batch = a.batch or 8
-    tok, n_params = model_meta(a.model)
-    pairs = synthetic_pairs(tok, _n_pairs(a), a.prompt_len, a.response_len, a.n_users, a.seed)
-    rows = []
-    with run_tmpdir("rm") as tmp:
-        tmp = Path(tmp)
-        if a.want("trl_rm"):
-            rows.append(trl_rm(a, pairs, tmp, n_params))
-        for impl in ("rm", "prm"):
-            if a.want(impl):
-                rows.append(ours_rm(impl, a, pairs, tmp, n_params))
-    _add_ratios(rows, "trl_rm")
-    return rows
+    return _run_step_bench(a, "rm", "trl_rm", trl_rm, ours_rm, ("rm", "prm"))
 
 
 def model_meta(name: str, dtype: str = "float32"):

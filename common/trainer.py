@@ -61,6 +61,30 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def user_model_lr(cfg: Config) -> float:
+    """The user model's learning rate: `user_model.lr`, by default 10 x `train.lr`."""
+    return cfg.user_model.lr if cfg.user_model.lr is not None else 10 * cfg.train.lr
+
+
+def param_groups(backbone, cfg: Config, heads: list[torch.nn.Module]) -> list[dict]:
+    """LLM adapters and heads at train.lr; the user model at its own rate and without weight decay."""
+    head_params = [p for h in heads for p in h.parameters()]
+    return [
+        {"params": backbone.llm_trainable_parameters(), "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
+         "name": "llm"},
+        {"params": head_params, "lr": cfg.train.lr, "weight_decay": 0.0, "name": "heads"},
+        {"params": list(backbone.user_model.parameters()), "lr": user_model_lr(cfg), "weight_decay": 0.0,
+         "name": "user_model"},
+    ]
+
+
+def drop_to_generic(user_idx: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each user by the generic user 0 with probability p (`user_model.dropout_to_generic`)."""
+    if p <= 0:
+        return user_idx
+    return torch.where(torch.rand(user_idx.shape, generator=generator) < p, torch.zeros_like(user_idx), user_idx)
+
+
 def make_optimizer(param_groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
     groups = [g for g in param_groups if g["params"]]
     for g in groups:

@@ -13,11 +13,10 @@ from tqdm.auto import tqdm
 
 from common.batching import EncodedPair, collate_pairs, concat_batches
 from common.config import Config
-from common.trainer import TrainLoop, batch_indices
+from common.trainer import TrainLoop, batch_indices, drop_to_generic, param_groups
 from policy.dpo_loss import personalized_dpo_loss, stochastic_dpo_loss, stochastic_generic_mask
 from policy.model import PersonalizedPolicy
 from policy.scoring import pair_logps
-from reward.trainer import drop_to_generic, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class PersonalizedDPOTrainer:
         self.cfg, self.policy, self.pairs, self.pad_id, self.device = cfg, policy, train_pairs, pad_id, device
         self.ref_chosen, self.ref_rejected = cached_reference_logps(
             policy, train_pairs, pad_id, cfg.train.eval_batch_size, device, Path(run_dir) / "ref_logps.safetensors")
-        self.loop = TrainLoop(cfg, run_dir, policy, param_groups(policy, policy.backbone, cfg, []), self.loss,
+        self.loop = TrainLoop(cfg, run_dir, policy, param_groups(policy.backbone, cfg, []), self.loss,
                               eval_fn=eval_fn, tracker=tracker, desc="train_pdpo")
 
     def loss(self, step: int, micro: int):

@@ -6,35 +6,17 @@ import torch
 
 from common.batching import EncodedPair, collate_pairs, concat_batches
 from common.config import Config
-from common.trainer import TrainLoop, batch_indices
+from common.trainer import TrainLoop, batch_indices, drop_to_generic, param_groups
 from policy.dpo_loss import stochastic_generic_mask
 from reward.loss import bt_loss, personalized_bt_loss
 from reward.model import PersonalizedRewardModel
-
-
-def param_groups(model: torch.nn.Module, backbone, cfg: Config, heads: list[torch.nn.Module]) -> list[dict]:
-    """LLM adapters and heads at train.lr; the user model at its own rate and without weight decay."""
-    user_lr = cfg.user_model.lr or 10 * cfg.train.lr
-    head_params = [p for h in heads for p in h.parameters()]
-    return [
-        {"params": backbone.llm_trainable_parameters(), "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
-         "name": "llm"},
-        {"params": head_params, "lr": cfg.train.lr, "weight_decay": 0.0, "name": "heads"},
-        {"params": list(backbone.user_model.parameters()), "lr": user_lr, "weight_decay": 0.0, "name": "user_model"},
-    ]
-
-
-def drop_to_generic(user_idx: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    if p <= 0:
-        return user_idx
-    return torch.where(torch.rand(user_idx.shape, generator=generator) < p, torch.zeros_like(user_idx), user_idx)
 
 
 class RewardModelTrainer:
     def __init__(self, cfg: Config, rm: PersonalizedRewardModel, train_pairs: list[EncodedPair], pad_id: int,
                  device, run_dir, tracker=None, eval_fn=None):
         self.cfg, self.rm, self.pairs, self.pad_id, self.device = cfg, rm, train_pairs, pad_id, device
-        self.loop = TrainLoop(cfg, run_dir, rm, param_groups(rm, rm.backbone, cfg, [rm.score]), self.loss,
+        self.loop = TrainLoop(cfg, run_dir, rm, param_groups(rm.backbone, cfg, [rm.score]), self.loss,
                               eval_fn=eval_fn, tracker=tracker, desc="train_rm")
 
     def batch(self, step: int, micro: int) -> tuple[dict, list[EncodedPair], torch.Generator]:

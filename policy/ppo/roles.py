@@ -23,6 +23,7 @@ from torch import nn
 from common.backbone import PersonalizedBackbone
 from common.batching import PairEncoder, collate_sequences
 from common.config import Config, ConfigError
+from common.trainer import user_model_lr
 from policy.model import PersonalizedPolicy, response_logps
 from policy.ppo.core import entropy_from_logits
 from preference_data.vocab import GENERIC, UserVocab
@@ -292,7 +293,7 @@ class PPOModules(nn.Module):
         """LLM adapters and heads at train.lr (with weight decay); user models at user_model.lr (default 10 x),
         never decayed."""
         lr = cfg.train.lr
-        user_lr = cfg.user_model.lr if cfg.user_model.lr is not None else 10.0 * lr
+        user_lr = user_model_lr(cfg)
         backbones = [self.actor] + ([self.critic] if self.critic is not None else [])
         user = [p for b in backbones for p in b.user_model.parameters() if p.requires_grad]
         llm = [p for b in backbones for p in b.llm_trainable_parameters()]
