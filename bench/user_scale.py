@@ -8,7 +8,7 @@ For the individual model (e_i = e_0 + o_i: a table of (n + 1) x T_u*d offsets) a
 - sparse_adam: `nn.Embedding(sparse=True)` (`build_user_model(..., sparse=True)`) + `torch.optim.SparseAdam` on the
   table, AdamW on the small dense parameters. A step touches only the batch's rows, but SparseAdam's two state
   tensors are still dense: memory stays 3x the table.
-- rowwise_adagrad: sparse gradients + `RowWiseAdagrad` below (one accumulator value per row, as FBGEMM/TorchRec's
+- rowwise_adagrad: sparse gradients + `common.optim.RowWiseAdagrad` (one accumulator value per row, as FBGEMM/TorchRec's
   row-wise AdaGrad for embedding tables): state is n + 1 floats, so memory is ~1x the table.
 
 One step: a batch of --batch user indices (1..n), prefix = user_model(idx), loss = <prefix, w> for a fixed random w,
@@ -29,44 +29,9 @@ from typing import Any
 import torch
 
 from bench.common import BenchArgs, available_memory_bytes, free_memory, now, timed_stats
+from common.optim import RowWiseAdagrad
 
 GB = 1e9
-
-
-class RowWiseAdagrad(torch.optim.Optimizer):
-    """AdaGrad with one accumulator per row of an embedding table (sparse or dense gradient).
-
-    state["sum"][i] += mean_j g_ij^2;  w_i -= lr * g_i / (sqrt(state["sum"][i]) + eps), for the rows i in the batch.
-    Memory: one float32 per row, instead of Adam's two tensors of the table's size.
-    """
-
-    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-10):
-        super().__init__(params, {"lr": lr, "eps": eps})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    g = g.coalesce()
-                    rows, vals = g.indices()[0], g.values()
-                else:
-                    rows = g.flatten(1).abs().sum(1).nonzero().squeeze(1)
-                    vals = g[rows]
-                if rows.numel() == 0:
-                    continue
-                vals = vals.float().flatten(1)
-                state = self.state[p]
-                if not state:
-                    state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-                acc = state["sum"]
-                acc.index_add_(0, rows, vals.pow(2).mean(1))
-                denom = acc[rows].sqrt_().add_(group["eps"]).unsqueeze(1)
-                p.index_add_(0, rows, (-group["lr"] * vals / denom).to(p.dtype).view(-1, *p.shape[1:]))
-        return None
 
 
 def _sizes(kind: str, n: int, T: int, d: int, K: int) -> tuple[int, int]:

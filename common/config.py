@@ -43,6 +43,9 @@ class ModelConfig:
         "auto", "`auto` wraps prompts in the tokenizer's chat template when it has one; `none` uses raw text")
     system_prompt: Optional[str] = _f(
         "You are a helpful assistant.", "system message of the chat template (null: the template's default)")
+    sft_run: Optional[str] = _f(
+        None, "finished train_sft run: its LoRA adapter is merged into the base weights before this stage's own "
+        "LoRA, so the reference policy pi_SFT is that model")
 
 
 @dataclass
@@ -57,6 +60,8 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = _f("raise", "bad records: fail naming file and line, or skip and count")
     max_train_records: Optional[int] = _f(None, "use only the first N training records (quick runs)")
     max_eval_records: Optional[int] = _f(None, "use only the first N held-out records")
+    sft_responses: Literal["chosen", "both"] = _f(
+        "chosen", "train_sft: imitate the chosen response of every record, or both responses")
 
 
 @dataclass
@@ -69,6 +74,8 @@ class UserModelConfig:
     use_text: bool = _f(False, "append the explicit user model: the LLM's own embeddings of the record's user_text")
     lr: Optional[float] = _f(None, "learning rate of the user model (default: 10 x train.lr)")
     dropout_to_generic: float = _f(0.0, "probability of replacing a seen user by the generic user in training")
+    sparse: bool = _f(False, "sparse gradients for the user table with a row-wise AdaGrad: a step touches only the "
+                      "batch's rows and keeps one state float per user (for very many users; not with DeepSpeed)")
 
 
 @dataclass
@@ -128,7 +135,10 @@ class PPOConfig:
     missing_eos_penalty: Optional[float] = _f(None, "reward penalty for responses that hit max_new_tokens without EOS")
     critic: Literal["shared", "separate"] = _f("shared", "value head on the actor backbone, or a separate LoRA critic")
     reward_clip: float = _f(10.0, "clip RM scores to [-c, c]")
-    normalize_reward: bool = _f(True, "standardise RM scores with statistics of the first rollout")
+    normalize_reward: bool = _f(True, "standardise RM scores (how: ppo.reward_baseline)")
+    reward_baseline: Literal["per_user", "global"] = _f(
+        "per_user", "per_user: centre each user's scores on that user's running mean (a BT reward is defined only "
+        "up to a per-user shift) and scale by the running std; global: the first rollout's mean and std")
 
 
 @dataclass
@@ -334,6 +344,8 @@ def validate(cfg: Config) -> None:
     need(um.init_std >= 0, "user_model.init_std", "must be >= 0")
     need(0.0 <= um.dropout_to_generic < 1.0, "user_model.dropout_to_generic", "must be in [0, 1)")
     need(um.lr is None or um.lr > 0, "user_model.lr", "must be > 0")
+    need(not (um.sparse and tr.deepspeed), "user_model.sparse", "cannot be combined with train.deepspeed (DeepSpeed "
+         "optimizers take dense gradients only)")
     need(0.0 <= loss.alpha <= 1.0, "loss.alpha", f"must be in [0, 1], got {loss.alpha}")
     need(loss.beta > 0, "loss.beta", f"must be > 0, got {loss.beta}")
     need(0.0 <= loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")

@@ -87,9 +87,36 @@ def load_data(cfg: Config, need_train: bool = True) -> Data:
     return Data(train, evals, vocab, report)
 
 
+def load_start_lm(cfg: Config):
+    """(causal LM, tokenizer) a stage starts from: `model.name`, with the `model.sft_run` adapter merged in."""
+    lm, tokenizer = load_causal_lm(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision)
+    if cfg.model.sft_run:
+        lm = merge_sft_adapter(lm, Path(cfg.model.sft_run))
+    return lm, tokenizer
+
+
+def merge_sft_adapter(lm, sft_run: Path):
+    """Fold a train_sft run's LoRA into the weights. Later adapters train on top of it, and switching them off
+    (the reference policy) gives back exactly pi_SFT."""
+    from peft import PeftModel
+
+    adapter = sft_run / "checkpoint" / "adapter" / "adapter_model.safetensors"
+    info = json.loads((sft_run / RUN_INFO).read_text()) if (sft_run / RUN_INFO).exists() else {}
+    if info.get("stage") != "train_sft" or not adapter.exists():
+        # Checked when the stage starts, not in validate(): the demo validates every stage before train_sft runs.
+        raise ConfigError(f"config key 'model.sft_run' must be a finished train_sft run with a LoRA adapter: "
+                          f"{sft_run} has run.json stage {info.get('stage')!r}, adapter "
+                          f"{'present' if adapter.exists() else 'missing'}")
+    if info["model"] != model_fingerprint(lm):
+        raise ValueError(f"model.sft_run={sft_run}: trained on {info['model_name']} {info['model']}, "
+                         f"not on this stage's model {model_fingerprint(lm)}")
+    peft_model = PeftModel.from_pretrained(lm, str(sft_run / "checkpoint" / "adapter"), is_trainable=False)
+    return peft_model.merge_and_unload()
+
+
 def build_backbone(cfg: Config, n_users: int, device: torch.device):
     """(backbone, tokenizer): the causal LM with `model.finetune` applied and a fresh user model."""
-    lm, tokenizer = load_causal_lm(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision)
+    lm, tokenizer = load_start_lm(cfg)
     embed = lm.get_input_embeddings()
     um = cfg.user_model
     init = init_prefix_from_vocab(embed, um.n_tokens, cfg.seed)
@@ -101,7 +128,8 @@ def build_backbone(cfg: Config, n_users: int, device: torch.device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 17)
         user_model = build_user_model(um.kind, n_users, um.n_tokens, embed.embedding_dim, um.n_clusters,
-                                      um.use_text, init=init, init_std=um.init_std * float(embed.weight.detach().std()))
+                                      um.use_text, init=init, init_std=um.init_std * float(embed.weight.detach().std()),
+                                      sparse=um.sparse)
     lm = apply_finetune(lm, cfg.model)
     backbone = PersonalizedBackbone(lm, user_model).to(device)
     backbone.keep_frozen_reference()
@@ -158,7 +186,7 @@ def load_backbone_from_run(run_dir: str | Path, device: torch.device, cfg: Confi
     if user_model.n_users != len(vocab):
         raise ValueError(f"{run_dir}: user model has {user_model.n_users} users but users.json has {len(vocab)}: "
                          "the user vocabulary does not belong to this user model")
-    lm, tokenizer = load_causal_lm(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision)
+    lm, tokenizer = load_start_lm(cfg)
     fp = model_fingerprint(lm)
     if fp != info["model"]:
         raise ValueError(f"{run_dir}: trained on model {info['model_name']} {info['model']}, "

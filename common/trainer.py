@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from common import checkpoint as ckpt
 from common.config import Config
+from common.optim import clip_grad_norm
 from common.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,21 @@ def user_model_lr(cfg: Config) -> float:
 
 
 def param_groups(backbone, cfg: Config, heads: list[torch.nn.Module]) -> list[dict]:
-    """LLM adapters and heads at train.lr; the user model at its own rate and without weight decay."""
+    """LLM adapters and heads at train.lr; the user model at its own rate and without weight decay. With
+    `user_model.sparse` its table is a group of its own, updated row-wise (see `common.optim`)."""
     head_params = [p for h in heads for p in h.parameters()]
-    return [
+    tables = backbone.user_model.sparse_tables()
+    table_ids = {id(p) for p in tables}
+    groups = [
         {"params": backbone.llm_trainable_parameters(), "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
          "name": "llm"},
         {"params": head_params, "lr": cfg.train.lr, "weight_decay": 0.0, "name": "heads"},
-        {"params": list(backbone.user_model.parameters()), "lr": user_model_lr(cfg), "weight_decay": 0.0,
-         "name": "user_model"},
+        {"params": [p for p in backbone.user_model.parameters() if id(p) not in table_ids], "lr": user_model_lr(cfg),
+         "weight_decay": 0.0, "name": "user_model"},
     ]
+    if tables:
+        groups.append({"params": tables, "lr": user_model_lr(cfg), "name": "user_table", "row_wise": True})
+    return groups
 
 
 def drop_to_generic(user_idx: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -85,11 +92,20 @@ def drop_to_generic(user_idx: torch.Tensor, p: float, generator: torch.Generator
     return torch.where(torch.rand(user_idx.shape, generator=generator) < p, torch.zeros_like(user_idx), user_idx)
 
 
-def make_optimizer(param_groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
+def make_optimizer(param_groups: list[dict], cfg: Config):
+    """AdamW; groups marked `row_wise` (sparse user tables) get `RowWiseAdagrad`, and the two act as one."""
+    from common.optim import OptimizerSet, RowWiseAdagrad
+
     groups = [g for g in param_groups if g["params"]]
     for g in groups:
         g["initial_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    dense = [g for g in groups if not g.get("row_wise")]
+    row_wise = [{k: v for k, v in g.items() if k != "row_wise"} for g in groups if g.get("row_wise")]
+    adamw = torch.optim.AdamW(dense, betas=(0.9, 0.999), eps=1e-8, foreach=False) if dense else None
+    if not row_wise:
+        return adamw
+    tables = RowWiseAdagrad(row_wise)
+    return OptimizerSet(adamw, tables) if adamw is not None else OptimizerSet(tables)
 
 
 def deepspeed_engine(module: torch.nn.Module, optimizer, cfg: Config):
@@ -166,7 +182,7 @@ class TrainLoop:
             else:
                 params = [p for g in optimizer.param_groups for p in g["params"]]
                 if tr.max_grad_norm > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+                    norm = clip_grad_norm(params, tr.max_grad_norm)
                     stats_sum["grad_norm"] = float(norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,8 @@
 """`python -m pipelines.demo [--fast] [--out DIR]`: the whole pipeline on the embedded default, end to end.
 
 On the length-conflict task (seed section 5.1: users user_4..user_6 prefer short answers, the other seven long
-ones) with SmolLM2-135M: train_rm -> evaluate -> train_ppo -> evaluate -> train_pdpo -> evaluate -> vanilla
-baselines (uniform user model, alpha = 1) for RM and DPO -> compare. Prints the time of each stage and the
+ones) with SmolLM2-135M: train_sft -> train_rm -> evaluate -> train_ppo (from pi_SFT) -> evaluate -> train_pdpo
+(from pi_SFT) -> evaluate -> vanilla baselines (uniform user model, alpha = 1) for RM and DPO -> compare. Prints the time of each stage and the
 comparison table, and writes one run folder per stage plus compare/report.md under --out.
 """
 
@@ -21,7 +21,9 @@ from preference_data.records import DataError
 ROOT = Path(__file__).resolve().parents[1]
 
 # (stage name, module, config file, extra overrides). Vanilla = the same code with the uniform user model.
+# Policies (PPO, P-DPO, vanilla DPO) start from pi_SFT: `model.sft_run` is set to the sft stage's folder.
 STAGES = [
+    ("sft", "train_sft", "configs/demo/sft.yaml", []),
     ("rm", "train_rm", "configs/demo/rm.yaml", []),
     ("ppo", "train_ppo", "configs/demo/ppo.yaml", []),
     ("pdpo", "train_pdpo", "configs/demo/pdpo.yaml", []),
@@ -33,6 +35,7 @@ STAGES = [
 ]
 
 FAST = {  # --fast: the same pipeline, fewer steps and a smaller held-out set (weaker effect allowed)
+    "train_sft": ["train.max_steps=12", "data.max_eval_records=50", "eval.n_generation_prompts=4"],
     "train_rm": ["train.max_steps=12", "data.max_eval_records=100"],
     "train_pdpo": ["train.max_steps=12", "data.max_eval_records=100", "data.max_train_records=400",
                    "eval.n_generation_prompts=4"],
@@ -48,6 +51,8 @@ def build_stage_configs(out: Path, fast: bool, model: str | None = None, extra: 
               f"data.eval_path={data_dir / 'eval.jsonl'}", f"wandb.group=demo-{out.name}"] + overrides
         if module == "train_ppo":
             ov.append(f"ppo.rm_run={out / 'rm'}")
+        if module in ("train_ppo", "train_pdpo"):
+            ov.append(f"model.sft_run={out / 'sft'}")
         if fast:
             ov += FAST[module]
         if model:
@@ -61,9 +66,9 @@ def run_demo(out: Path, fast: bool = False, model: str | None = None, extra: lis
              stages: list[str] | None = None) -> dict:
     from preference_data.length_conflict import write_length_conflict
     from pipelines import compare as compare_mod
-    from pipelines import train_pdpo, train_ppo, train_rm
+    from pipelines import train_pdpo, train_ppo, train_rm, train_sft
 
-    modules = {"train_rm": train_rm, "train_pdpo": train_pdpo, "train_ppo": train_ppo}
+    modules = {"train_sft": train_sft, "train_rm": train_rm, "train_pdpo": train_pdpo, "train_ppo": train_ppo}
     configs = build_stage_configs(out, fast, model, extra)
     if stages:
         configs = [c for c in configs if c[0] in stages]
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fast", action="store_true", help="smaller settings (about 8 minutes on 2 cores)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--model", default=None, help="model.name for every stage (default: the configs' smollm2-135m)")
-    parser.add_argument("--stages", nargs="*", help="run only these stages (rm ppo pdpo rm_vanilla dpo_vanilla)")
+    parser.add_argument("--stages", nargs="*", help="run only these stages (sft rm ppo pdpo rm_vanilla dpo_vanilla)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="applied to every stage")
     args = parser.parse_args(argv)
     setup_logging()

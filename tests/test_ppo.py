@@ -454,3 +454,28 @@ def test_one_iteration_under_deepspeed_zero2_matches_plain_torch(tmp_path, rm_ru
     la = json.loads((tmp_path / "plain" / "metrics_log.jsonl").read_text().splitlines()[0])
     lb = json.loads((tmp_path / "ds" / "metrics_log.jsonl").read_text().splitlines()[0])
     assert lb["loss/total"] == pytest.approx(la["loss/total"], abs=1e-6)
+
+
+def test_per_user_reward_baseline_removes_each_users_shift():
+    """Two users whose RM scores sit at different levels: after per-user centring each user's better response is
+    positive and the worse negative; with one global baseline every response of the high user looks good."""
+    from policy.ppo.core import PerUserRewardNormalizer
+
+    raw = torch.tensor([4.0, 2.0, -7.0, 0.0])  # user a (short 4, long 2), user b (short -7, long 0)
+    users = ["a", "a", "b", "b"]
+    s = PerUserRewardNormalizer()(raw, users)
+    assert s[0] > 0 > s[1] and s[3] > 0 > s[2]
+    assert abs(float(s[:2].sum())) < 1e-6 and abs(float(s[2:].sum())) < 1e-6
+    glob = (raw - raw.mean()) / raw.std(unbiased=False)
+    assert glob[0] > 0 and glob[1] > 0  # the global baseline rewards user a's worse response too
+
+
+def test_per_user_reward_baseline_state_round_trip():
+    from policy.ppo.core import PerUserRewardNormalizer
+
+    a = PerUserRewardNormalizer()
+    a(torch.tensor([1.0, 3.0, 5.0]), ["x", "x", "y"])
+    b = PerUserRewardNormalizer()
+    b.load_state_dict(a.state_dict())
+    nxt = torch.tensor([2.0, 6.0]), ["x", "y"]
+    assert torch.equal(a(*nxt), b(*nxt))

@@ -69,6 +69,10 @@ class UserModel(nn.Module):
         ex = self.explicit(text_ids, text_mask, embed_tokens)
         return UserPrefix(torch.cat([implicit, ex.embeds.to(implicit.dtype)], 1), torch.cat([mask, ex.mask.long()], 1))
 
+    def sparse_tables(self) -> list[nn.Parameter]:
+        """Embedding tables built with sparse gradients (`sparse=True`): one row per user."""
+        return [m.weight for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse]
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -171,3 +171,35 @@ def make_kl_controller(ppo_cfg) -> FixedKLController | AdaptiveKLController:
     if ppo_cfg.adaptive_kl:
         return AdaptiveKLController(ppo_cfg.kl_coef, ppo_cfg.target_kl, ppo_cfg.kl_horizon)
     return FixedKLController(ppo_cfg.kl_coef)
+
+
+class PerUserRewardNormalizer:
+    """Centre each user's RM scores on that user's running mean; scale by the running std of centred scores.
+
+    A Bradley-Terry reward is defined only up to a shift per user (r(x, y, u) + c_u ranks every pair the same), so
+    a baseline shared by all users is arbitrary: with one, a user whose scores happen to sit high gets a positive
+    advantage for *every* response, and that user's preference (short vs long) is a small ripple on top. Per-user
+    centring leaves only what the RM says about the response, for every user at the same scale.
+    """
+
+    def __init__(self, momentum: float = 0.2):
+        self.momentum = momentum
+        self.mean: dict[str, float] = {}
+        self.var: float | None = None
+
+    def __call__(self, raw: torch.Tensor, users: list[str]) -> torch.Tensor:
+        raw = raw.float()
+        for u in dict.fromkeys(users):  # update with this batch first: a user's first scores centre on themselves
+            batch_mean = float(raw[[i for i, v in enumerate(users) if v == u]].mean())
+            old = self.mean.get(u)
+            self.mean[u] = batch_mean if old is None else old + self.momentum * (batch_mean - old)
+        centred = raw - torch.tensor([self.mean[u] for u in users])
+        var = float(centred.pow(2).mean())
+        self.var = var if self.var is None else self.var + self.momentum * (var - self.var)
+        return centred / max(self.var, 1e-12) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"momentum": self.momentum, "mean": dict(self.mean), "var": self.var}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.momentum, self.mean, self.var = state["momentum"], dict(state["mean"]), state["var"]

@@ -6,8 +6,9 @@ One iteration (`train.max_steps` of them):
    users uniformly from the RM's seen users, and a `ppo.generic_user_share` of the batch as the generic user 0;
    a pure function of (seed, iteration), so a resumed run draws exactly what an uninterrupted one would;
 2. generate one response per pair with the actor (user prefix, left-padded batch, KV cache, sampling config);
-3. score each response with the frozen RM *for the user it was generated for*; standardise with the statistics
-   of the first rollout, clip, and subtract `ppo.missing_eos_penalty` where the response has no EOS;
+3. score each response with the frozen RM *for the user it was generated for*; standardise per user (running
+   mean of that user's scores; `ppo.reward_baseline`), clip, and subtract `ppo.missing_eos_penalty` where the
+   response has no EOS;
 4. reference log-probs (adapters off, no prefix), old log-probs and values (one forward when the critic shares
    the actor's backbone);
 5. per-token rewards -kl_coef * (log pi - log pi_ref), the score added at the last response token; GAE; whitened
@@ -36,11 +37,13 @@ from common import checkpoint as ckpt
 from common.batching import PairEncoder, collate_sequences
 from common.config import Config
 from common.tracking import Tracker
+from common.optim import clip_grad_norm
 from common.trainer import TrainingError, deepspeed_engine, lr_factor, make_optimizer, test_step_delay
 from policy.ppo.core import (
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
+    PerUserRewardNormalizer,
     make_kl_controller,
     masked_mean,
     per_token_kl_rewards,
@@ -115,7 +118,8 @@ class PPOTrainer:
         self.encoder = PairEncoder.from_config(tokenizer, cfg)
         self.prompt_ids = [self.encoder.prompt_ids(p, f"prompt {i + 1}") for i, p in enumerate(self.prompts)]
         self.kl_ctl = make_kl_controller(self.ppo)
-        self.reward_stats: dict | None = None  # mean/std of the first rollout's raw scores
+        self.reward_stats: dict | None = None  # global baseline: mean/std of the first rollout's raw scores
+        self.user_reward_norm = PerUserRewardNormalizer()
         self.history: list[dict] = []
         self.optimizer = make_optimizer(modules.param_groups(cfg), cfg)
         self.engine = None
@@ -154,9 +158,11 @@ class PPOTrainer:
         return [(p, None if i in generic else self.users[u]) for i, (p, u) in enumerate(zip(prompt_idx, user_idx))]
 
     # ------------------------------------------------------------------------------------------ 3. scores
-    def shape_scores(self, raw: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+    def shape_scores(self, raw: torch.Tensor, ended: torch.Tensor, users: list[str | None] | None = None) -> torch.Tensor:
         s = raw.clone().float()
-        if self.ppo.normalize_reward:
+        if self.ppo.normalize_reward and self.ppo.reward_baseline == "per_user":
+            s = self.user_reward_norm(s, [user_key(u) for u in (users or [None] * len(s))])
+        elif self.ppo.normalize_reward:
             if self.reward_stats is None:
                 std = float(raw.std(unbiased=False)) if raw.numel() > 1 else 0.0
                 self.reward_stats = {"mean": float(raw.mean()), "std": std if std > 1e-6 else 1.0}
@@ -192,7 +198,7 @@ class PPOTrainer:
         raw = self.reward.score([self.prompts[i] for i, _ in pairs], texts, user_ids, ended.tolist(),
                                 [self.user_texts.get(u) for u in user_ids] if self.user_texts else None,
                                 batch_size=p.minibatch_size)
-        scores = self.shape_scores(raw, ended)
+        scores = self.shape_scores(raw, ended, user_ids)
 
         # 4. old log-probs, values, reference log-probs
         ro = Rollout([i for i, _ in pairs], user_ids, prompt_ids, responses, text_ids, user_idx, texts, ended,
@@ -230,7 +236,7 @@ class PPOTrainer:
         norm = None
         if self.cfg.train.max_grad_norm > 0:
             params = [q for g in self.optimizer.param_groups for q in g["params"]]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
+            norm = clip_grad_norm(params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -322,6 +328,7 @@ class PPOTrainer:
 
     def save(self, done: int) -> Path:
         extra = {"iteration": done, "kl_controller": self.kl_ctl.state_dict(), "reward_stats": self.reward_stats,
+                 "user_reward_norm": self.user_reward_norm.state_dict(),
                  "history": self.history}
         return ckpt.save_checkpoint(self.ckpt_root, done, self.modules, self.optimizer, extra=extra,
                                     keep_last=self.cfg.train.keep_last, engine=self.engine)
@@ -332,6 +339,8 @@ class PPOTrainer:
         state, _ = ckpt.load_checkpoint(latest, self.modules, self.optimizer, self.engine)
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.reward_stats = state.get("reward_stats")
+        if state.get("user_reward_norm"):
+            self.user_reward_norm.load_state_dict(state["user_reward_norm"])
         self.history = state.get("history", [])
         log.info("resumed PPO from %s (iteration %d)", latest, state["iteration"])
         return int(state["iteration"])
