@@ -34,6 +34,12 @@ def test_demo_wiring_tiny(tmp_path, capsys):
         assert (run / "plots" / "per_user_accuracy.png").exists()
         assert (run / "report.md").read_text().strip()
         assert list((run / "wandb").glob("offline-run-*"))
+    sft = out / "sft"
+    assert json.loads((sft / "run.json").read_text())["stage"] == "train_sft"
+    assert "eval_nll_after" in json.loads((sft / "metrics.json").read_text())["sft"]
+    assert (sft / "checkpoint" / "adapter" / "adapter_model.safetensors").exists()
+    for name in ("ppo", "pdpo", "dpo_vanilla"):  # the policies start from pi_SFT
+        assert yaml.safe_load((out / name / "config.yaml").read_text())["model"]["sft_run"] == str(sft)
     assert (out / "rm" / "checkpoint" / "score_head.safetensors").exists()
     assert (out / "ppo" / "checkpoint" / "value_head.safetensors").exists()
     for name in ("pdpo", "dpo_vanilla", "ppo"):
