@@ -136,9 +136,11 @@ class PPOConfig:
     critic: Literal["shared", "separate"] = _f("shared", "value head on the actor backbone, or a separate LoRA critic")
     reward_clip: float = _f(10.0, "clip RM scores to [-c, c]")
     normalize_reward: bool = _f(True, "standardise RM scores (how: ppo.reward_baseline)")
-    reward_baseline: Literal["per_user", "global"] = _f(
+    reward_baseline: Literal["per_user", "group", "global"] = _f(
         "per_user", "per_user: centre each user's scores on that user's running mean (a BT reward is defined only "
-        "up to a per-user shift) and scale by the running std; global: the first rollout's mean and std")
+        "up to a per-user shift) and scale by the running std; group: centre on the other samples of the same "
+        "(prompt, user) (RLOO; needs ppo.samples_per_prompt >= 2); global: the first rollout's mean and std")
+    samples_per_prompt: int = _f(1, "responses sampled per (prompt, user) pair in a rollout batch")
 
 
 @dataclass
@@ -366,6 +368,10 @@ def validate(cfg: Config) -> None:
     need(ppo.minibatch_size > 0 and ppo.rollout_batch_size % ppo.minibatch_size == 0, "ppo.minibatch_size",
          "must be > 0 and divide ppo.rollout_batch_size")
     need(ppo.max_new_tokens > 0, "ppo.max_new_tokens", "must be > 0")
+    need(ppo.samples_per_prompt >= 1 and ppo.rollout_batch_size % ppo.samples_per_prompt == 0,
+         "ppo.samples_per_prompt", "must be >= 1 and divide ppo.rollout_batch_size")
+    need(ppo.reward_baseline != "group" or ppo.samples_per_prompt >= 2, "ppo.reward_baseline",
+         "'group' needs ppo.samples_per_prompt >= 2")
     need(ppo.temperature > 0, "ppo.temperature", "must be > 0")
     need(0 < ppo.top_p <= 1, "ppo.top_p", "must be in (0, 1]")
     need(ppo.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")

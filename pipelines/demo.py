@@ -81,8 +81,9 @@ def run_demo(out: Path, fast: bool = False, model: str | None = None, extra: lis
     print(f"[1/{total}] data: {summary['train']['records']} train / {summary['eval']['records']} held-out pairs, "
           f"{len(summary['users'])} users (minority {', '.join(summary['minority'])})", flush=True)
     for k, (name, module, cfg) in enumerate(configs, start=2):
-        print(f"[{k}/{total}] {name}: {module} ({cfg.user_model.kind} user model, alpha={cfg.loss.alpha})",
-              flush=True)
+        what = "no user prefix" if module == "train_sft" else \
+            f"{cfg.user_model.kind} user model, alpha={cfg.loss.alpha}"
+        print(f"[{k}/{total}] {name}: {module} ({what})", flush=True)
         t = time.time()
         modules[module].run(cfg)
         timings[name] = time.time() - t

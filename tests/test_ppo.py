@@ -466,6 +466,7 @@ def test_per_user_reward_baseline_removes_each_users_shift():
     s = PerUserRewardNormalizer()(raw, users)
     assert s[0] > 0 > s[1] and s[3] > 0 > s[2]
     assert abs(float(s[:2].sum())) < 1e-6 and abs(float(s[2:].sum())) < 1e-6
+    assert torch.allclose(s.abs(), torch.ones(4))  # each user at its own scale: margins 2 and 7 weigh the same
     glob = (raw - raw.mean()) / raw.std(unbiased=False)
     assert glob[0] > 0 and glob[1] > 0  # the global baseline rewards user a's worse response too
 
@@ -479,3 +480,30 @@ def test_per_user_reward_baseline_state_round_trip():
     b.load_state_dict(a.state_dict())
     nxt = torch.tensor([2.0, 6.0]), ["x", "y"]
     assert torch.equal(a(*nxt), b(*nxt))
+
+
+def test_leave_one_out_centre_is_rloo():
+    from policy.ppo.core import leave_one_out_centre
+
+    raw = torch.tensor([1.0, 3.0, 5.0, 10.0, 10.0, 7.0])
+    out = leave_one_out_centre(raw, [0, 0, 0, 1, 1, 2])
+    assert torch.allclose(out[:3], torch.tensor([1 - 4.0, 3 - 3.0, 5 - 2.0]))
+    assert torch.allclose(out[3:], torch.tensor([0.0, 0.0, 0.0]))  # equal pair, and a lone sample: no contrast
+
+
+def test_samples_per_prompt_repeats_each_pair(tmp_path):
+    """Rollout pairs come in groups of k identical (prompt, user) pairs, a pure function of (seed, iteration)."""
+    from types import SimpleNamespace
+
+    from common.config import load_config
+    from policy.ppo.trainer import PPOTrainer
+
+    cfg = load_config(None, ["ppo.rollout_batch_size=12", "ppo.samples_per_prompt=3", "ppo.minibatch_size=4",
+                             "ppo.reward_baseline=group"])
+    fake = SimpleNamespace(ppo=cfg.ppo, cfg=cfg, prompts=[f"p{i}" for i in range(20)], users=["a", "b", "c"])
+    fake._seed = lambda it, stream: PPOTrainer._seed(fake, it, stream)
+    pairs = PPOTrainer.sample_pairs(fake, 0)
+    assert len(pairs) == 12
+    for gi in range(4):
+        assert len(set(pairs[3 * gi:3 * gi + 3])) == 1
+    assert pairs == PPOTrainer.sample_pairs(fake, 0)

@@ -173,33 +173,57 @@ def make_kl_controller(ppo_cfg) -> FixedKLController | AdaptiveKLController:
     return FixedKLController(ppo_cfg.kl_coef)
 
 
+def leave_one_out_centre(raw: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    """raw_i minus the mean of the *other* samples of i's group (RLOO). A group is one (prompt, user) pair sampled
+    several times, so the baseline is specific to both the prompt and the user; a lone sample gets 0."""
+    raw = raw.float()
+    g = torch.tensor(groups)
+    out = torch.zeros_like(raw)
+    for k in g.unique().tolist():
+        ix = (g == k).nonzero().squeeze(1)
+        n = ix.numel()
+        if n > 1:
+            out[ix] = raw[ix] - (raw[ix].sum() - raw[ix]) / (n - 1)
+    return out
+
+
 class PerUserRewardNormalizer:
-    """Centre each user's RM scores on that user's running mean; scale by the running std of centred scores.
+    """Centre each user's RM scores on that user's running mean, and scale them by that user's running std.
 
     A Bradley-Terry reward is defined only up to a shift per user (r(x, y, u) + c_u ranks every pair the same), so
     a baseline shared by all users is arbitrary: with one, a user whose scores happen to sit high gets a positive
-    advantage for *every* response, and that user's preference (short vs long) is a small ripple on top. Per-user
-    centring leaves only what the RM says about the response, for every user at the same scale.
+    advantage for *every* response, and that user's preference (short vs long) is a small ripple on top. The
+    per-user scale makes every user's preference move the policy at the same pace, however sure the RM is of it
+    (the minority's margins are often the smaller ones: the RM saw fewer of their comparisons).
     """
 
     def __init__(self, momentum: float = 0.2):
         self.momentum = momentum
         self.mean: dict[str, float] = {}
-        self.var: float | None = None
+        self.var: dict[str, float] = {}
+
+    def _ema(self, table: dict[str, float], key: str, value: float) -> None:
+        old = table.get(key)
+        table[key] = value if old is None else old + self.momentum * (value - old)
 
     def __call__(self, raw: torch.Tensor, users: list[str]) -> torch.Tensor:
         raw = raw.float()
         for u in dict.fromkeys(users):  # update with this batch first: a user's first scores centre on themselves
-            batch_mean = float(raw[[i for i, v in enumerate(users) if v == u]].mean())
-            old = self.mean.get(u)
-            self.mean[u] = batch_mean if old is None else old + self.momentum * (batch_mean - old)
-        centred = raw - torch.tensor([self.mean[u] for u in users])
-        var = float(centred.pow(2).mean())
-        self.var = var if self.var is None else self.var + self.momentum * (var - self.var)
-        return centred / max(self.var, 1e-12) ** 0.5
+            self._ema(self.mean, u, float(raw[[i for i, v in enumerate(users) if v == u]].mean()))
+        return self.scale(raw - torch.tensor([self.mean[u] for u in users]), users)
+
+    def scale(self, centred: torch.Tensor, users: list[str]) -> torch.Tensor:
+        """Divide already-centred scores by their user's running std (updated with these scores)."""
+        batch_var = float(centred.pow(2).mean())
+        for u in dict.fromkeys(users):
+            v = float(centred[[i for i, x in enumerate(users) if x == u]].pow(2).mean())
+            if v > 1e-12 or u in self.var:  # a lone first sample (centred to 0) says nothing about the scale
+                self._ema(self.var, u, v)
+        std = torch.tensor([max(self.var.get(u, batch_var), 1e-3 * batch_var, 1e-12) ** 0.5 for u in users])
+        return centred / std
 
     def state_dict(self) -> dict:
-        return {"momentum": self.momentum, "mean": dict(self.mean), "var": self.var}
+        return {"momentum": self.momentum, "mean": dict(self.mean), "var": dict(self.var)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.momentum, self.mean, self.var = state["momentum"], dict(state["mean"]), state["var"]
+        self.momentum, self.mean, self.var = state["momentum"], dict(state["mean"]), dict(state["var"])
