@@ -4,6 +4,10 @@ A checkpoint is a folder `checkpoints/step-N/` holding `trainable.safetensors` (
 `optimizer.safetensors` + `optimizer.json`, `rng.safetensors`, `state.json` and, written last, `COMPLETE`. It is
 assembled in a hidden temp folder and renamed into place, so a kill at any moment leaves either the previous
 complete checkpoint or the new one, never a half-written folder that resume could pick.
+
+With several processes (a DeepSpeed engine over ranks) every rank writes its DeepSpeed partition and its own RNG
+state (`rng-rank-R.safetensors`, R > 0) into one shared temp folder named after the step; rank 0 writes the rest
+and renames it. The run folder must be on a file system all ranks see (one machine, or a shared mount).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from common import dist
 
 COMPLETE = "COMPLETE"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -48,12 +54,23 @@ def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _atomic_folder(final: Path):
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+def _atomic_folder(final: Path, shared: bool = False):
+    """A fresh temp folder beside `final`. One process names it after its pid; ranks that write one checkpoint
+    together cannot, so they share the step's name, and rank 0 alone clears and creates it."""
+    if not shared:
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    else:
+        tmp = final.parent / f".tmp-{final.name}-ranks"
+        if not dist.is_main():
+            return tmp
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def _rng_file(rank: int) -> str:
+    return "rng.safetensors" if rank == 0 else f"rng-rank-{rank}.safetensors"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -76,12 +93,16 @@ def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 def save_checkpoint(ckpt_root: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     extra: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
                     keep_last: int = 2, engine=None) -> Path:
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    shared = engine is not None and dist.world_size() > 1
+    if dist.is_main():
+        ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
-    tmp = _atomic_folder(final)
+    tmp = _atomic_folder(final, shared)
     params = trainable_state(module)
     _check_finite(params, "parameter")
-    if engine is not None:  # DeepSpeed writes its own (partitioned) states.
+    if shared:
+        dist.barrier()  # the folder exists before any rank writes into it
+    if engine is not None:  # DeepSpeed writes its own (partitioned) states; every rank must call it.
         engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
     else:
         save_file(params, str(tmp / "trainable.safetensors"))
@@ -90,7 +111,20 @@ def save_checkpoint(ckpt_root: Path, step: int, module: torch.nn.Module, optimiz
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(meta))
     rng = {"torch": torch.get_rng_state()}
-    save_file(rng, str(tmp / "rng.safetensors"))
+    save_file(rng, str(tmp / _rng_file(dist.rank())))  # ranks sample differently: each resumes its own stream
+    if shared:
+        dist.barrier()  # every rank's part is on disk before rank 0 declares the checkpoint complete
+        if dist.is_main():
+            _complete(tmp, final, ckpt_root, step, extra, extra_tensors, keep_last)
+        dist.barrier()  # no rank goes on (and may resume from it) before it is in place
+        return final
+    _complete(tmp, final, ckpt_root, step, extra, extra_tensors, keep_last)
+    return final
+
+
+def _complete(tmp: Path, final: Path, ckpt_root: Path, step: int, extra: dict | None,
+              extra_tensors: dict[str, torch.Tensor] | None, keep_last: int) -> None:
+    """Write what only one process writes, mark the folder COMPLETE, rename it into place and prune."""
     if extra_tensors:
         save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
     state = {"step": step, "python_random": _py_state(), "numpy_random": _np_state(), **(extra or {})}
@@ -102,7 +136,6 @@ def save_checkpoint(ckpt_root: Path, step: int, module: torch.nn.Module, optimiz
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
     prune(ckpt_root, keep_last)
-    return final
 
 
 def _py_state():
@@ -158,7 +191,11 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
             _optimizer_from_flat(optimizer, load_file(str(path / "optimizer.safetensors")),
                                  json.loads((path / "optimizer.json").read_text()))
     state = json.loads((path / "state.json").read_text())
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    rng_file = path / _rng_file(dist.rank())
+    if not rng_file.exists():
+        raise FileNotFoundError(f"{path}: no {rng_file.name}: this checkpoint was written by fewer processes "
+                                f"than the {dist.world_size()} resuming it; resume with the same number")
+    torch.set_rng_state(load_file(str(rng_file))["torch"])
     v, st, gauss = state["python_random"]
     random.setstate((v, tuple(st), gauss))
     name, keys, pos, has_gauss, cached = state["numpy_random"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import dist
 from common.backbone import PersonalizedBackbone, apply_finetune, init_prefix_from_vocab
 from common.config import Config, ConfigError, dump_yaml, load_config
 from common.models import load_causal_lm, model_fingerprint
@@ -39,9 +40,10 @@ def pick_device(cfg: Config) -> torch.device:
 def prepare_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(dump_yaml(cfg))
-    os.replace(tmp, run_dir / "config.yaml")
+    if dist.is_main():  # with several processes rank 0 writes the run folder
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(dump_yaml(cfg))
+        os.replace(tmp, run_dir / "config.yaml")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.seed)
@@ -138,6 +140,8 @@ def build_backbone(cfg: Config, n_users: int, device: torch.device):
 
 def write_run_info(run_dir: Path, cfg: Config, stage: str, backbone: PersonalizedBackbone, vocab: UserVocab,
                    extra: dict | None = None) -> None:
+    if not dist.is_main():
+        return
     info = {"stage": stage, "model_name": cfg.model.name, "model": model_fingerprint(backbone.base_lm),
             "n_users": len(vocab), "user_model": backbone.user_model.describe(), **(extra or {})}
     tmp = run_dir / (RUN_INFO + ".tmp")
@@ -146,11 +150,14 @@ def write_run_info(run_dir: Path, cfg: Config, stage: str, backbone: Personalize
 
 
 def save_artifacts(run_dir: Path, backbone: PersonalizedBackbone, heads: dict[str, torch.nn.Module]) -> Path:
-    """Final artifacts in `checkpoint/`: user model, PEFT adapter, head weights (all safetensors), atomically."""
+    """Final artifacts in `checkpoint/`: user model, PEFT adapter, head weights (all safetensors), atomically.
+    Rank 0 writes them; every rank holds the same weights."""
     import shutil
     from safetensors.torch import save_file
 
     final = run_dir / "checkpoint"
+    if not dist.is_main():
+        return final
     tmp = run_dir / ".tmp-checkpoint"
     if tmp.exists():
         shutil.rmtree(tmp)

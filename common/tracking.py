@@ -1,7 +1,8 @@
 """Metrics: always a JSONL log in the run folder; wandb (offline by default) when `report_to=wandb`.
 
 Every stage of one experiment logs to one wandb project with a shared `group` and `job_type` = stage, so the wandb
-UI shows the RM route and the DPO route side by side.
+UI shows the RM route and the DPO route side by side. With several processes only rank 0 logs; on the other
+ranks a Tracker takes every call and does nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from common import dist
 from common.config import Config, to_dict
 
 
@@ -26,7 +28,8 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.log_path = self.run_dir / "metrics_log.jsonl"
         self.wandb = None
-        if cfg.report_to == "wandb" and cfg.wandb.mode != "disabled":
+        self.enabled = dist.is_main()
+        if self.enabled and cfg.report_to == "wandb" and cfg.wandb.mode != "disabled":
             wandb_dir = self.run_dir / "wandb"
             wandb_dir.mkdir(parents=True, exist_ok=True)
             for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
@@ -40,6 +43,8 @@ class Tracker:
                                     config=to_dict(cfg), dir=str(self.run_dir), mode=cfg.wandb.mode, reinit="finish_previous")
 
     def log(self, metrics: dict, step: int | None = None) -> None:
+        if not self.enabled:
+            return
         row = {k: _scalar(v) for k, v in metrics.items()}
         with self.log_path.open("a") as fh:
             fh.write(json.dumps({"step": step, "time": time.time(), **row}) + "\n")

@@ -4,6 +4,8 @@ A stage hands over its trainable module, its parameter groups and a `loss_fn(ste
 rest, the same way for both: gradient accumulation, LR schedule, clipping, a DeepSpeed engine when configured,
 progress bar, logging every N steps, eval every N steps, atomic checkpoints every N steps and exact resume.
 Data order is a pure function of (seed, step), so a resumed run sees the same batches as an uninterrupted one.
+Launched as several processes (torchrun, DeepSpeed engine), each rank trains on its own slice of every global
+batch and only rank 0 logs and writes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import checkpoint as ckpt
+from common import dist
 from common.config import Config
 from common.optim import clip_grad_norm
 from common.tracking import Tracker
@@ -31,8 +34,18 @@ class TrainingError(RuntimeError):
     pass
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int, micro: int, grad_accum: int) -> list[int]:
-    """Indices of micro-batch `micro` of optimizer step `step`: epochs are seeded permutations of range(n)."""
+def batch_indices(n: int, batch_size: int, seed: int, step: int, micro: int, grad_accum: int,
+                  rank: int | None = None, world_size: int | None = None) -> list[int]:
+    """Indices of this rank's micro-batch `micro` of optimizer step `step`: epochs are seeded permutations of
+    range(n). `batch_size` is per rank: the ranks' slices of one global batch of batch_size * world_size indices
+    are disjoint (as long as n holds that many), and with one process the global batch is the rank's batch."""
+    rank = dist.rank() if rank is None else rank
+    world_size = dist.world_size() if world_size is None else world_size
+    chunk = _global_batch(n, batch_size * world_size, seed, step, micro, grad_accum)
+    return dist.shard(chunk, rank, world_size, what="batch indices")
+
+
+def _global_batch(n: int, batch_size: int, seed: int, step: int, micro: int, grad_accum: int) -> list[int]:
     per_epoch = max(n // batch_size, 1)
     k = step * grad_accum + micro  # global micro-batch number
     epoch, pos = divmod(k, per_epoch)
@@ -49,6 +62,18 @@ def test_step_delay() -> None:
     delay = float(os.environ.get("PRLHF_STEP_SLEEP", "0") or 0)
     if delay:
         time.sleep(delay)
+
+
+def dump_rank_weights(module: torch.nn.Module) -> None:
+    """Test aid: `PRLHF_DUMP_RANK_WEIGHTS=folder` makes every rank write its trainable parameters after training to
+    folder/rank-R.safetensors, so that a multi-process test can check that the ranks ended with the same model
+    (ZeRO stages 0-2, whose ranks hold full parameters)."""
+    folder = os.environ.get("PRLHF_DUMP_RANK_WEIGHTS")
+    if folder:
+        from safetensors.torch import save_file
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_file(ckpt.trainable_state(module), str(Path(folder) / f"rank-{dist.rank()}.safetensors"))
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
@@ -109,7 +134,8 @@ def make_optimizer(param_groups: list[dict], cfg: Config):
 
 
 def deepspeed_engine(module: torch.nn.Module, optimizer, cfg: Config):
-    """Wrap module + optimizer in a DeepSpeed engine (single process works on CPU over gloo)."""
+    """Wrap module + optimizer in a DeepSpeed engine (on CPU over gloo too). Under a launcher the ranks come from
+    its environment; a plain single process gets the defaults below."""
     import json
     import os
 
@@ -141,6 +167,7 @@ class TrainLoop:
 
     def run(self) -> dict:
         cfg, tr = self.cfg, self.cfg.train
+        dist.setup(cfg)
         optimizer = make_optimizer(self.param_groups, cfg)
         engine = None
         if tr.deepspeed:
@@ -154,7 +181,8 @@ class TrainLoop:
             log.info("resumed from %s (step %d)", latest, start)
         self.module.train()
         n_params = sum(p.numel() for g in self.param_groups for p in g["params"])
-        bar = tqdm(range(start, tr.max_steps), desc=self.desc, initial=start, total=tr.max_steps, dynamic_ncols=True)
+        bar = tqdm(range(start, tr.max_steps), desc=self.desc, initial=start, total=tr.max_steps, dynamic_ncols=True,
+                   disable=not dist.is_main())
         t_start, tokens = time.time(), 0
         last = {}
         for step in bar:
@@ -170,6 +198,9 @@ class TrainLoop:
                                         "without writing a checkpoint. Lower train.lr or check the data.")
                 scaled = loss / tr.grad_accum
                 if engine is not None:
+                    # The engine is configured for one micro-batch per step, so by itself it would reduce and
+                    # overwrite the gradients at every backward; only the last micro-batch ends the accumulation.
+                    engine.set_gradient_accumulation_boundary(micro == tr.grad_accum - 1)
                     engine.backward(scaled)
                 else:
                     scaled.backward()
@@ -187,6 +218,9 @@ class TrainLoop:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            # what is logged is the global batch's: the mean over the ranks' slices
+            stats_sum = dist.mean_over_ranks({**stats_sum, "loss": loss_sum})
+            loss_sum = stats_sum.pop("loss")
             last = {"train/loss": loss_sum, **{f"train/{k}": v for k, v in stats_sum.items()},
                     "train/lr": optimizer.param_groups[0]["lr"]}
             bar.set_postfix(loss=f"{loss_sum:.4f}")
@@ -211,6 +245,7 @@ class TrainLoop:
                                         "check the data.") from None
         bar.close()
         self.module.eval()
+        dump_rank_weights(self.module)
         wall = time.time() - t_start
         return {"final_loss": last.get("train/loss"), "wall_s": wall, "steps": tr.max_steps,
                 "resumed_from": start, "trainable_parameters": n_params, "last": last}

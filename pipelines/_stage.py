@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+from common import dist
 from common.tracking import Tracker
 
 
@@ -21,7 +22,9 @@ def training_cost(t0: float, result: dict, backbone) -> dict:
 
 
 def finish_run(run_dir, metrics: dict, tracker: Tracker) -> None:
-    """metrics.json of the run = its held-out evaluation (contract schema) plus training cost."""
+    """metrics.json of the run = its held-out evaluation (contract schema) plus training cost (rank 0 writes)."""
+    if not dist.is_main():
+        return
     out = dict(metrics.get("eval") or {})
     out["training"] = {"final_loss": metrics["train"]["final_loss"], **metrics["cost"]}
     tmp = run_dir / "metrics.json.tmp"

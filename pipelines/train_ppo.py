@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 
-from common import plots
+from common import dist, plots
 from common.config import Config
 from common.run import load_data, pick_device, prepare_run_dir, save_artifacts, write_run_info
 from common.tracking import Tracker
@@ -29,6 +29,7 @@ def run(cfg: Config) -> dict:
     from policy.ppo.roles import VALUE_HEAD, build_roles, check_rm_run, load_reward_role
     from policy.ppo.trainer import PPOTrainer
 
+    dist.setup(cfg)
     rm_run = check_rm_run(cfg.ppo.rm_run)  # a clear error naming ppo.rm_run before any model is loaded
     data = load_data(cfg)
     vocab = UserVocab.load(rm_run / "users.json")  # the actor's users are the RM's users
@@ -44,7 +45,8 @@ def run(cfg: Config) -> dict:
     log.info("PPO on %d distinct prompts, %d RM users + the generic user", len(prompts), len(vocab))
 
     run_dir = prepare_run_dir(cfg)
-    vocab.save(run_dir / "users.json")
+    if dist.is_main():
+        vocab.save(run_dir / "users.json")
     device = pick_device(cfg)
     t0 = time.time()
     reward = load_reward_role(rm_run, device)
@@ -54,9 +56,9 @@ def run(cfg: Config) -> dict:
                          user_texts=user_texts, tracker=tracker, device=device)
     result = trainer.train()
 
-    with trainer.gathered_parameters():
+    with trainer.gathered_parameters():  # a collective under ZeRO-3: every rank enters, rank 0 writes
         save_artifacts(run_dir, modules.actor, {VALUE_HEAD: modules.value_head})
-        if modules.critic is not None:  # separate critic: its own user model and adapter, next to the actor's
+        if modules.critic is not None and dist.is_main():  # separate critic: own user model and adapter
             critic_dir = run_dir / "checkpoint" / "critic"
             modules.critic.user_model.save(critic_dir)
             modules.critic.save_llm(critic_dir)
@@ -73,9 +75,12 @@ def run(cfg: Config) -> dict:
     write_run_info(run_dir, cfg, "train_ppo", modules.actor, vocab,
                    extra={"route": "ppo", "rm_run": str(rm_run.resolve()), "critic": cfg.ppo.critic,
                           "train": train, "cost": cost, "data": data.report})
-    _plots(run_dir, trainer.history)
+    if dist.is_main():
+        _plots(run_dir, trainer.history)
     metrics = {"train": train, "cost": cost}
     del trainer, modules, actor, critic, reference, reward
+    if not dist.is_main():  # evaluation uses plain torch modules, no collectives: the other ranks are done
+        return metrics
     if data.eval:
         from pipelines.evaluate import evaluate_run
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from common import plots
+from common import dist, plots
 from common.batching import PairEncoder
 from common.config import Config
 from common.run import (build_backbone, load_data, pick_device, prepare_run_dir, save_artifacts, write_run_info)
@@ -19,9 +19,11 @@ from pipelines._stage import finish_run, training_cost
 
 
 def run(cfg: Config) -> dict:
+    dist.setup(cfg)
     data = load_data(cfg)  # validates every record before any model is loaded
     run_dir = prepare_run_dir(cfg)
-    data.vocab.save(run_dir / "users.json")
+    if dist.is_main():
+        data.vocab.save(run_dir / "users.json")
     device = pick_device(cfg)
     t0 = time.time()
     backbone, tokenizer = build_backbone(cfg, len(data.vocab), device)
@@ -50,10 +52,10 @@ def run(cfg: Config) -> dict:
     cost = training_cost(t0, result, backbone)
     write_run_info(run_dir, cfg, "train_rm", backbone, data.vocab,
                    extra={"route": "rm", "train": result, "cost": cost, "data": data.report})
-    if trainer.loop.history:
+    if trainer.loop.history and dist.is_main():
         plots.training_curve(trainer.loop.history, run_dir / "plots" / "train_loss.png", "train_rm loss")
     metrics = {"train": result, "cost": cost}
-    if data.eval:
+    if data.eval and dist.is_main():  # plain torch modules, no collectives: the other ranks are done
         from pipelines.evaluate import evaluate_run
 
         del rm, backbone

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from common import plots
+from common import dist, plots
 from common.batching import PairEncoder
 from common.config import Config
 from common.run import build_backbone, load_data, pick_device, prepare_run_dir, save_artifacts, write_run_info
@@ -25,9 +25,11 @@ from pipelines._stage import finish_run, training_cost
 
 
 def run(cfg: Config) -> dict:
+    dist.setup(cfg)
     data = load_data(cfg)
     run_dir = prepare_run_dir(cfg)
-    data.vocab.save(run_dir / "users.json")
+    if dist.is_main():
+        data.vocab.save(run_dir / "users.json")
     device = pick_device(cfg)
     t0 = time.time()
     backbone, tokenizer = build_backbone(cfg, len(data.vocab), device)
@@ -60,10 +62,10 @@ def run(cfg: Config) -> dict:
     write_run_info(run_dir, cfg, "train_sft", backbone, data.vocab,
                    extra={"route": "sft", "train": result, "cost": cost, "data": data.report,
                           "n_examples": len(examples)})
-    if trainer.loop.history:
+    if trainer.loop.history and dist.is_main():
         plots.training_curve(trainer.loop.history, run_dir / "plots" / "train_loss.png", "train_sft loss (NLL)")
     metrics = {"train": result, "cost": cost}
-    if eval_examples:
+    if eval_examples:  # every rank: under ZeRO-3 each forward gathers parameters from all of them
         after = eval_nll()
         metrics["eval"] = {"route": "sft", "sft": {"eval_nll_before": before["eval/sft_nll"],
                                                    "eval_nll_after": after["eval/sft_nll"],

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from common import dist
 from common.batching import EncodedPair, collate_pairs, concat_batches
 from common.config import Config
 from common.trainer import TrainLoop, batch_indices, drop_to_generic, param_groups
@@ -31,15 +32,16 @@ def _pairs_digest(pairs: list[EncodedPair]) -> str:
 def cached_reference_logps(policy: PersonalizedPolicy, pairs: list[EncodedPair], pad_id: int, batch_size: int,
                            device, cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi_SFT(y_w|x), log pi_SFT(y_l|x) for every pair, computed once. They depend neither on the user nor on
-    training, so they are stored beside the run (keyed by the token ids) and reused on resume."""
+    training, so they are stored beside the run (keyed by the token ids) and reused on resume. With several
+    processes each computes them (every rank may draw any pair) and rank 0 stores them."""
     digest = _pairs_digest(pairs)
     if cache is not None and cache.exists():
         stored = load_file(str(cache))
         if "digest" in stored and bytes(stored["digest"].tolist()).decode() == digest:
             return stored["chosen"], stored["rejected"]
-    with tqdm(total=len(pairs), desc="reference log-probs", dynamic_ncols=True) as bar:
+    with tqdm(total=len(pairs), desc="reference log-probs", dynamic_ncols=True, disable=not dist.is_main()) as bar:
         chosen, rejected = pair_logps(policy, pairs, pad_id, batch_size, device, reference=True, progress=bar)
-    if cache is not None:
+    if cache is not None and dist.is_main():
         tmp = cache.with_name(cache.name + ".tmp")
         save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous(),
                    "digest": torch.tensor(list(digest.encode()), dtype=torch.uint8)}, str(tmp))

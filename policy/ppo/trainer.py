@@ -17,6 +17,11 @@ One iteration (`train.max_steps` of them):
    `ppo.vf_coef` * clipped value loss, one optimizer step per minibatch (plain torch or a DeepSpeed engine);
 7. update the KL controller, log, write `ppo_history.json`, and every `train.save_every` iterations an atomic,
    resumable checkpoint (parameters, optimizer, KL controller, reward statistics, history).
+
+Launched as N processes (DeepSpeed engine), `ppo.rollout_batch_size` and `ppo.minibatch_size` count the whole
+batch: each rank generates, scores and trains on its 1/N share of the pairs (whole groups of
+`ppo.samples_per_prompt`), with its own sampling noise; scores are standardised over the whole batch, so the
+reward statistics and the KL controller stay the same on every rank. Logged rollout statistics are rank 0's share.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ import torch
 from tqdm.auto import tqdm
 
 from common import checkpoint as ckpt
+from common import dist
 from common.batching import PairEncoder, collate_sequences
 from common.config import Config
 from common.tracking import Tracker
 from common.optim import clip_grad_norm
-from common.trainer import TrainingError, deepspeed_engine, lr_factor, make_optimizer, test_step_delay
+from common.trainer import (TrainingError, deepspeed_engine, dump_rank_weights, lr_factor, make_optimizer,
+                            test_step_delay)
 from policy.ppo.core import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -121,6 +128,9 @@ class PPOTrainer:
         self.reward_stats: dict | None = None  # global baseline: mean/std of the first rollout's raw scores
         self.user_reward_norm = PerUserRewardNormalizer()
         self.history: list[dict] = []
+        dist.setup(cfg)
+        self.minibatch = self._rank_minibatch()
+        self.sample_pairs(0)  # a rollout batch that does not split evenly over the ranks fails here, not later
         self.optimizer = make_optimizer(modules.param_groups(cfg), cfg)
         self.engine = None
         if cfg.train.deepspeed:
@@ -130,6 +140,20 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------ helpers
     def _seed(self, iteration: int, stream: int) -> int:
         return ((self.cfg.seed * 1_000_003 + iteration) * 64 + stream) % (2 ** 62)
+
+    @staticmethod
+    def _rank_seed(seed: int) -> int:
+        """Rank 0 keeps `seed` (one process samples as it always did); the others shift it so that no two ranks
+        draw the same noise and generate the same text."""
+        return (seed + dist.rank() * 0x9E3779B97F4A7C15) % (2 ** 62)
+
+    def _rank_minibatch(self) -> int:
+        """Samples per rank in one gradient step: `ppo.minibatch_size` is the whole step over all ranks."""
+        world = dist.world_size()
+        if self.ppo.minibatch_size % world:
+            raise ValueError(f"ppo.minibatch_size={self.ppo.minibatch_size} does not split evenly over {world} "
+                             "processes (it counts the samples of one gradient step over all of them)")
+        return self.ppo.minibatch_size // world
 
     @property
     def zero_stage(self) -> int:
@@ -147,17 +171,36 @@ class PPOTrainer:
         return self.encoder.text_ids(self.user_texts.get(user_id)) if user_id is not None else []
 
     # ------------------------------------------------------------------------------------------ 1. pairs
-    def sample_pairs(self, iteration: int) -> list[tuple[int, str | None]]:
-        """(prompt index, source user id or None = generic) for each rollout sample of `iteration`."""
-        B = self.ppo.rollout_batch_size
+    def sample_pairs(self, iteration: int, rank: int | None = None,
+                     world_size: int | None = None) -> list[tuple[int, str | None]]:
+        """(prompt index, source user id or None = generic) for each rollout sample of `iteration`; with
+        `ppo.samples_per_prompt` k > 1, each drawn pair appears k times in a row (sample i is in group i // k).
+        The batch is drawn whole on every rank; `rank` (default: this process) gets its share of whole groups."""
+        k = self.ppo.samples_per_prompt
+        B = self.ppo.rollout_batch_size // k
         g = torch.Generator().manual_seed(self._seed(iteration, _STREAM_PAIRS))
         n_generic = B if not self.users else int(round(self.ppo.generic_user_share * B))
         generic = set(torch.randperm(B, generator=g)[:n_generic].tolist())
         prompt_idx = torch.randint(len(self.prompts), (B,), generator=g).tolist()
         user_idx = torch.randint(max(len(self.users), 1), (B,), generator=g).tolist()
-        return [(p, None if i in generic else self.users[u]) for i, (p, u) in enumerate(zip(prompt_idx, user_idx))]
+        pairs = [(p, None if i in generic else self.users[u]) for i, (p, u) in enumerate(zip(prompt_idx, user_idx))]
+        return dist.shard([pair for pair in pairs for _ in range(k)], dist.rank() if rank is None else rank,
+                          dist.world_size() if world_size is None else world_size, group=k, what="rollout samples")
 
     # ------------------------------------------------------------------------------------------ 3. scores
+    def shape_all_ranks(self, raw: torch.Tensor, ended: torch.Tensor, users: list[str | None],
+                        iteration: int) -> torch.Tensor:
+        """`shape_scores` over the whole rollout batch of all ranks, this rank's share returned: the baselines'
+        running statistics then see every score, on every rank alike (their checkpoint is rank 0's)."""
+        world = dist.world_size()
+        if world == 1:
+            return self.shape_scores(raw, ended, users)
+        all_raw = dist.gather_equal(raw)
+        all_ended = dist.gather_equal(ended.to(torch.uint8)).bool()
+        all_users = [u for _, u in self.sample_pairs(iteration, rank=0, world_size=1)]
+        scores = self.shape_scores(all_raw, all_ended, all_users)
+        return dist.shard(scores, dist.rank(), world, group=self.ppo.samples_per_prompt, what="rollout scores")
+
     def shape_scores(self, raw: torch.Tensor, ended: torch.Tensor, users: list[str | None] | None = None) -> torch.Tensor:
         s = raw.clone().float()
         if self.ppo.normalize_reward and self.ppo.reward_baseline == "per_user":
@@ -185,8 +228,8 @@ class PPOTrainer:
         self.modules.eval()
         t0 = time.time()
 
-        # 2. generation (sampling noise seeded per iteration, on every device)
-        torch.manual_seed(self._seed(iteration, _STREAM_SAMPLING))
+        # 2. generation (sampling noise seeded per iteration, and per rank)
+        torch.manual_seed(self._rank_seed(self._seed(iteration, _STREAM_SAMPLING)))
         with self.gathered_parameters(self.actor.backbone):
             responses = self.actor.generate(prompt_ids, torch.tensor(user_idx), text_ids, self.pad_id, self.eos_id,
                                             p.max_new_tokens, p.temperature, p.top_k, p.top_p)
@@ -198,7 +241,7 @@ class PPOTrainer:
         raw = self.reward.score([self.prompts[i] for i, _ in pairs], texts, user_ids, ended.tolist(),
                                 [self.user_texts.get(u) for u in user_ids] if self.user_texts else None,
                                 batch_size=p.minibatch_size)
-        scores = self.shape_scores(raw, ended, user_ids)
+        scores = self.shape_all_ranks(raw, ended, user_ids, iteration)
 
         # 4. old log-probs, values, reference log-probs
         ro = Rollout([i for i, _ in pairs], user_ids, prompt_ids, responses, text_ids, user_idx, texts, ended,
@@ -249,8 +292,8 @@ class PPOTrainer:
         for epoch in range(p.ppo_epochs):
             g = torch.Generator().manual_seed(self._seed(iteration, _STREAM_EPOCH + epoch))
             perm = torch.randperm(len(ro), generator=g).tolist()
-            for s in range(0, len(ro), p.minibatch_size):
-                idx = perm[s:s + p.minibatch_size]
+            for s in range(0, len(ro), self.minibatch):
+                idx = perm[s:s + self.minibatch]
                 batch = ro.batch(idx, self.pad_id, self.device)
                 mask = ro.mask[idx].to(self.device)
                 hidden, inputs = self.actor.hidden(batch)
@@ -273,7 +316,7 @@ class PPOTrainer:
                     sums[k] += float(v.detach())
                 if norm is not None:
                     sums["train/grad_norm"] += norm
-        out = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        out = dist.mean_over_ranks({k: v / max(n_steps, 1) for k, v in sums.items()})
         train_s = time.time() - t0
         out.update({"perf/train_s": train_s, "perf/train_tokens_per_s": tokens / max(train_s, 1e-9),
                     "train/optimizer_steps": n_steps})
@@ -321,6 +364,8 @@ class PPOTrainer:
 
     def write_history(self) -> Path:
         path = self.run_dir / HISTORY_FILE
+        if not dist.is_main():
+            return path
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"users": [user_key(None)] + self.users, "iterations": self.history}, indent=1))
         os.replace(tmp, path)
@@ -349,7 +394,8 @@ class PPOTrainer:
     def train(self) -> dict:
         tr = self.cfg.train
         start = self.maybe_resume()
-        bar = tqdm(range(start, tr.max_steps), desc="ppo", initial=start, total=tr.max_steps, dynamic_ncols=True)
+        bar = tqdm(range(start, tr.max_steps), desc="ppo", initial=start, total=tr.max_steps, dynamic_ncols=True,
+                   disable=not dist.is_main())
         t_start, last = time.time(), {}
         for it in bar:
             test_step_delay()
@@ -357,7 +403,8 @@ class PPOTrainer:
             ro = self.rollout(it)
             stats = self.update(ro, it)
             kl_coef = self.kl_ctl.value  # the coefficient this iteration's rewards used
-            self.kl_ctl.update(float(ro.kl.sum(1).mean()), n_steps=len(ro))
+            seq_kl = dist.mean_over_ranks({"kl": float(ro.kl.sum(1).mean())})["kl"]  # the whole batch's
+            self.kl_ctl.update(seq_kl, n_steps=len(ro) * dist.world_size())
             done = it + 1
             last, entry = self.iteration_metrics(ro, stats, kl_coef, lr)
             self.history.append({"iteration": done, **entry})
@@ -370,6 +417,7 @@ class PPOTrainer:
                 self.save(done)
         bar.close()
         self.modules.eval()
+        dump_rank_weights(self.modules)
         if self.history:
             self.write_history()
         return {"iterations": tr.max_steps, "resumed_from": start, "wall_s": time.time() - t_start,
