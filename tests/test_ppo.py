@@ -450,7 +450,9 @@ def test_one_iteration_under_deepspeed_zero2_matches_plain_torch(tmp_path, rm_ru
     assert len(engines) == 1 and engines[0][0].zero_optimization_stage() == 2
     a, b = _final_params(tmp_path / "plain"), _final_params(tmp_path / "ds")
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+        # Adam divides by the gradient's own size, so a row whose gradient is near eps turns float-order noise
+        # (DeepSpeed's flattened fp32 buffers vs torch) into ~1e-5 differences; a wrong update is orders larger.
+        assert torch.allclose(a[k], b[k], atol=1e-4), (k, float((a[k] - b[k]).abs().max()))
     la = json.loads((tmp_path / "plain" / "metrics_log.jsonl").read_text().splitlines()[0])
     lb = json.loads((tmp_path / "ds" / "metrics_log.jsonl").read_text().splitlines()[0])
     assert lb["loss/total"] == pytest.approx(la["loss/total"], abs=1e-6)

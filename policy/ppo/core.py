@@ -187,6 +187,9 @@ def leave_one_out_centre(raw: torch.Tensor, groups: list[int]) -> torch.Tensor:
     return out
 
 
+_ALL = "\0all users"  # the all-user statistics' key (no source user id contains a NUL)
+
+
 class PerUserRewardNormalizer:
     """Centre each user's RM scores on that user's running mean, and scale them by that user's running std.
 
@@ -197,10 +200,10 @@ class PerUserRewardNormalizer:
     (the minority's margins are often the smaller ones: the RM saw fewer of their comparisons).
     """
 
-    def __init__(self, momentum: float = 0.2):
-        self.momentum = momentum
+    def __init__(self, momentum: float = 0.2, min_std_share: float = 0.25):
+        self.momentum, self.min_std_share = momentum, min_std_share
         self.mean: dict[str, float] = {}
-        self.var: dict[str, float] = {}
+        self.var: dict[str, float] = {}  # per user, and _ALL for the scores of every user
 
     def _ema(self, table: dict[str, float], key: str, value: float) -> None:
         old = table.get(key)
@@ -213,17 +216,22 @@ class PerUserRewardNormalizer:
         return self.scale(raw - torch.tensor([self.mean[u] for u in users]), users)
 
     def scale(self, centred: torch.Tensor, users: list[str]) -> torch.Tensor:
-        """Divide already-centred scores by their user's running std (updated with these scores)."""
-        batch_var = float(centred.pow(2).mean())
+        """Divide already-centred scores by their user's running std (updated with these scores). The std is kept
+        above `min_std_share` of the all-user std: a user the RM is indifferent for must not have float noise
+        blown up to unit-size advantages."""
+        self._ema(self.var, _ALL, float(centred.pow(2).mean()))
         for u in dict.fromkeys(users):
             v = float(centred[[i for i, x in enumerate(users) if x == u]].pow(2).mean())
-            if v > 1e-12 or u in self.var:  # a lone first sample (centred to 0) says nothing about the scale
+            if v > 0 or u in self.var:  # a lone first sample (centred to 0) says nothing about the scale
                 self._ema(self.var, u, v)
-        std = torch.tensor([max(self.var.get(u, batch_var), 1e-3 * batch_var, 1e-12) ** 0.5 for u in users])
+        floor = self.min_std_share * self.var[_ALL] ** 0.5
+        std = torch.tensor([max(self.var.get(u, self.var[_ALL]) ** 0.5, floor, 1e-6) for u in users])
         return centred / std
 
     def state_dict(self) -> dict:
-        return {"momentum": self.momentum, "mean": dict(self.mean), "var": dict(self.var)}
+        return {"momentum": self.momentum, "min_std_share": self.min_std_share, "mean": dict(self.mean),
+                "var": dict(self.var)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.momentum, self.mean, self.var = state["momentum"], dict(state["mean"]), dict(state["var"])
+        self.momentum, self.min_std_share = state["momentum"], state["min_std_share"]
+        self.mean, self.var = dict(state["mean"]), dict(state["var"])

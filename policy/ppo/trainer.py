@@ -51,6 +51,7 @@ from policy.ppo.core import (
     clipped_value_loss,
     compute_gae,
     PerUserRewardNormalizer,
+    leave_one_out_centre,
     make_kl_controller,
     masked_mean,
     per_token_kl_rewards,
@@ -203,7 +204,11 @@ class PPOTrainer:
 
     def shape_scores(self, raw: torch.Tensor, ended: torch.Tensor, users: list[str | None] | None = None) -> torch.Tensor:
         s = raw.clone().float()
-        if self.ppo.normalize_reward and self.ppo.reward_baseline == "per_user":
+        if self.ppo.normalize_reward and self.ppo.reward_baseline == "group":
+            k = self.ppo.samples_per_prompt
+            s = self.user_reward_norm.scale(leave_one_out_centre(s, [i // k for i in range(len(s))]),
+                                            [user_key(u) for u in (users or [None] * len(s))])
+        elif self.ppo.normalize_reward and self.ppo.reward_baseline == "per_user":
             s = self.user_reward_norm(s, [user_key(u) for u in (users or [None] * len(s))])
         elif self.ppo.normalize_reward:
             if self.reward_stats is None:
