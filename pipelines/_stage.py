@@ -1,4 +1,5 @@
-"""What every training stage does after its loop: training cost, the run's metrics.json and report.md."""
+"""What every training stage that learns from comparisons does around its loop: before it, read the data and set
+up the run folder; after it, save the artifacts, run.json, training cost, metrics.json and report.md."""
 
 from __future__ import annotations
 
@@ -8,8 +9,41 @@ import shutil
 import time
 from pathlib import Path
 
-from common import dist
+from common import dist, plots
+from common.batching import PairEncoder
+from common.run import Data, load_data, pick_device, prepare_run_dir, save_artifacts, write_run_info
 from common.tracking import Tracker
+
+
+def begin_run(cfg):
+    """(data, run_dir, device): refuse a bad launch, validate every record before any model is loaded, set up the
+    run folder (rank 0 writes its user vocabulary)."""
+    dist.setup(cfg)
+    data = load_data(cfg)
+    run_dir = prepare_run_dir(cfg)
+    if dist.is_main():
+        data.vocab.save(run_dir / "users.json")
+    return data, run_dir, pick_device(cfg)
+
+
+def encode_pairs(tokenizer, cfg, data: Data) -> tuple[list, list]:
+    """(training pairs, held-out pairs) tokenised per the data config (held-out: empty without data.eval_path)."""
+    encoder = PairEncoder.from_config(tokenizer, cfg)
+    train = encoder.encode_all(data.train, data.vocab, cfg.data.train_path)
+    held = encoder.encode_all(data.eval, data.vocab, cfg.data.eval_path or "") if data.eval else []
+    return train, held
+
+
+def save_trained(run_dir: Path, cfg, stage: str, route: str, backbone, heads: dict, result: dict, t0: float,
+                 data: Data, history: list[dict], loss_name: str = "loss", extra: dict | None = None) -> dict:
+    """Final artifacts, run.json and the loss curve of a finished training loop; returns its training cost."""
+    save_artifacts(run_dir, backbone, heads)
+    cost = training_cost(t0, result, backbone)
+    write_run_info(run_dir, cfg, stage, backbone, data.vocab,
+                   extra={"route": route, "train": result, "cost": cost, "data": data.report, **(extra or {})})
+    if history and dist.is_main():
+        plots.training_curve(history, run_dir / "plots" / "train_loss.png", f"{stage} {loss_name}")
+    return cost
 
 
 def training_cost(t0: float, result: dict, backbone) -> dict:

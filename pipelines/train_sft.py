@@ -15,32 +15,25 @@ import time
 
 import torch
 
-from common import dist, plots
 from common.batching import PairEncoder
 from common.config import Config
-from common.run import build_backbone, load_data, pick_device, prepare_run_dir, save_artifacts, write_run_info
+from common.run import build_backbone
 from common.tracking import Tracker
 from pipelines._cli import stage_main
-from pipelines._stage import finish_run, training_cost
+from pipelines._stage import begin_run, encode_pairs, finish_run, save_trained
 
 
 def run(cfg: Config) -> dict:
-    dist.setup(cfg)
-    data = load_data(cfg)
-    run_dir = prepare_run_dir(cfg)
-    if dist.is_main():
-        data.vocab.save(run_dir / "users.json")
-    device = pick_device(cfg)
+    data, run_dir, device = begin_run(cfg)
     t0 = time.time()
     backbone, tokenizer = build_backbone(cfg, len(data.vocab), device)
     from policy.model import PersonalizedPolicy
     from policy.sft_trainer import SFTTrainer, collate_sft, sft_examples, sft_loss
 
     policy = PersonalizedPolicy(backbone).to(device)
-    encoder = PairEncoder.from_config(tokenizer, cfg)
-    examples = sft_examples(encoder.encode_all(data.train, data.vocab, cfg.data.train_path), cfg.data.sft_responses)
-    eval_examples = sft_examples(encoder.encode_all(data.eval, data.vocab, cfg.data.eval_path or "")) \
-        if data.eval else []
+    train_pairs, eval_pairs = encode_pairs(tokenizer, cfg, data)
+    examples = sft_examples(train_pairs, cfg.data.sft_responses)
+    eval_examples = sft_examples(eval_pairs)
     tracker = Tracker(cfg, run_dir, job_type="sft")
 
     @torch.no_grad()
@@ -57,29 +50,22 @@ def run(cfg: Config) -> dict:
     trainer = SFTTrainer(cfg, policy, examples, tokenizer.pad_token_id, device, run_dir, tracker,
                          eval_fn=eval_nll if eval_examples else None)
     result = trainer.train()
-    save_artifacts(run_dir, backbone, {})
-    cost = training_cost(t0, result, backbone)
-    write_run_info(run_dir, cfg, "train_sft", backbone, data.vocab,
-                   extra={"route": "sft", "train": result, "cost": cost, "data": data.report,
-                          "n_examples": len(examples)})
-    if trainer.loop.history and dist.is_main():
-        plots.training_curve(trainer.loop.history, run_dir / "plots" / "train_loss.png", "train_sft loss (NLL)")
+    cost = save_trained(run_dir, cfg, "train_sft", "sft", backbone, {}, result, t0, data, trainer.loop.history,
+                        loss_name="loss (NLL)", extra={"n_examples": len(examples)})
     metrics = {"train": result, "cost": cost}
     if eval_examples:  # every rank: under ZeRO-3 each forward gathers parameters from all of them
         after = eval_nll()
         metrics["eval"] = {"route": "sft", "sft": {"eval_nll_before": before["eval/sft_nll"],
                                                    "eval_nll_after": after["eval/sft_nll"],
                                                    "n_eval_examples": len(eval_examples)},
-                           "generation": _generation(cfg, policy, tokenizer, data.eval, device)}
+                           "generation": _generation(cfg, policy, tokenizer, data.eval)}
         tracker.log({"eval/sft_nll": after["eval/sft_nll"]}, step=cfg.train.max_steps)
     finish_run(run_dir, metrics, tracker)
     return metrics
 
 
-def _generation(cfg: Config, policy, tokenizer, records, device) -> dict:
+def _generation(cfg: Config, policy, tokenizer, records) -> dict:
     """Greedy answers of pi_SFT on held-out prompts: its response length is what PPO starts exploring from."""
-    from common.batching import PairEncoder
-
     encoder = PairEncoder.from_config(tokenizer, cfg)
     prompts = list(dict.fromkeys(r.prompt for r in records))[: cfg.eval.n_generation_prompts]
     if not prompts:
