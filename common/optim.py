@@ -56,10 +56,6 @@ class OptimizerSet:
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers for g in opt.param_groups]
 
-    @property
-    def state(self):
-        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
-
     def step(self, closure=None):
         for opt in self.optimizers:
             opt.step()
