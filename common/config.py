@@ -73,6 +73,10 @@ class UserModelConfig:
     init_std: float = _f(0.02, "std of the random init of offsets / cluster centres, relative to token embeddings")
     use_text: bool = _f(False, "append the explicit user model: the LLM's own embeddings of the record's user_text")
     lr: Optional[float] = _f(None, "learning rate of the user model (default: 10 x train.lr)")
+    shared_lr: Optional[float] = _f(
+        None, "learning rate of the user model's parts shared by all users (e_0 of individual, the centres of "
+        "cluster, the one embedding of uniform); default: user_model.lr. Lower it when one group's signal must not "
+        "drag every user along (PPO: the majority's samples all push e_0)")
     dropout_to_generic: float = _f(0.0, "probability of replacing a seen user by the generic user in training")
     sparse: bool = _f(False, "sparse gradients for the user table with a row-wise AdaGrad: a step touches only the "
                       "batch's rows and keeps one state float per user (for very many users; not with DeepSpeed)")
@@ -141,6 +145,10 @@ class PPOConfig:
         "up to a per-user shift) and scale by the running std; group: centre on the other samples of the same "
         "(prompt, user) (RLOO; needs ppo.samples_per_prompt >= 2); global: the first rollout's mean and std")
     samples_per_prompt: int = _f(1, "responses sampled per (prompt, user) pair in a rollout batch")
+    advantage_estimator: Literal["gae", "rloo"] = _f(
+        "gae", "gae: per-token GAE with the critic's values; rloo: critic-free REINFORCE leave-one-out (Ahmadian et "
+        "al. 2024): each sample's KL-penalised sequence reward minus the mean of the other samples of its "
+        "(prompt, user) group, on every token (needs ppo.samples_per_prompt >= 2; the critic is not trained)")
 
 
 @dataclass
@@ -346,6 +354,7 @@ def validate(cfg: Config) -> None:
     need(um.init_std >= 0, "user_model.init_std", "must be >= 0")
     need(0.0 <= um.dropout_to_generic < 1.0, "user_model.dropout_to_generic", "must be in [0, 1)")
     need(um.lr is None or um.lr > 0, "user_model.lr", "must be > 0")
+    need(um.shared_lr is None or um.shared_lr >= 0, "user_model.shared_lr", "must be >= 0 (0 freezes them)")
     need(not (um.sparse and tr.deepspeed), "user_model.sparse", "cannot be combined with train.deepspeed (DeepSpeed "
          "optimizers take dense gradients only)")
     need(0.0 <= loss.alpha <= 1.0, "loss.alpha", f"must be in [0, 1], got {loss.alpha}")
@@ -372,6 +381,8 @@ def validate(cfg: Config) -> None:
          "ppo.samples_per_prompt", "must be >= 1 and divide ppo.rollout_batch_size")
     need(ppo.reward_baseline != "group" or ppo.samples_per_prompt >= 2, "ppo.reward_baseline",
          "'group' needs ppo.samples_per_prompt >= 2")
+    need(ppo.advantage_estimator != "rloo" or ppo.samples_per_prompt >= 2, "ppo.advantage_estimator",
+         "'rloo' needs ppo.samples_per_prompt >= 2")
     need(ppo.temperature > 0, "ppo.temperature", "must be > 0")
     need(0 < ppo.top_p <= 1, "ppo.top_p", "must be in (0, 1]")
     need(ppo.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")

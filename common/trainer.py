@@ -92,22 +92,35 @@ def user_model_lr(cfg: Config) -> float:
     return cfg.user_model.lr if cfg.user_model.lr is not None else 10 * cfg.train.lr
 
 
+def user_model_groups(user_models: list[torch.nn.Module], cfg: Config) -> list[dict]:
+    """Optimizer groups of the user model(s): per-user parts at `user_model.lr`, parts shared by every user at
+    `user_model.shared_lr` (default the same), no weight decay; with `user_model.sparse` the per-user tables are a
+    row-wise group of their own (see `common.optim`)."""
+    user_lr = user_model_lr(cfg)
+    shared_lr = cfg.user_model.shared_lr if cfg.user_model.shared_lr is not None else user_lr
+    shared = [p for m in user_models for p in m.implicit.shared_parameters() if p.requires_grad]
+    tables = [p for m in user_models for p in m.sparse_tables()]
+    special = {id(p) for p in shared + tables}
+    rest = [p for m in user_models for p in m.parameters() if p.requires_grad and id(p) not in special]
+    groups = [{"params": rest, "lr": user_lr, "weight_decay": 0.0, "name": "user_model"}]
+    if shared_lr != user_lr:
+        groups.append({"params": shared, "lr": shared_lr, "weight_decay": 0.0, "name": "user_model_shared"})
+    else:
+        groups[0]["params"] = shared + rest
+    if tables:
+        groups.append({"params": tables, "lr": user_lr, "name": "user_table", "row_wise": True})
+    return groups
+
+
 def param_groups(backbone, cfg: Config, heads: list[torch.nn.Module]) -> list[dict]:
-    """LLM adapters and heads at train.lr; the user model at its own rate and without weight decay. With
-    `user_model.sparse` its table is a group of its own, updated row-wise (see `common.optim`)."""
+    """LLM adapters and heads at train.lr; the user model at its own rates and without weight decay."""
     head_params = [p for h in heads for p in h.parameters()]
-    tables = backbone.user_model.sparse_tables()
-    table_ids = {id(p) for p in tables}
-    groups = [
+    return [
         {"params": backbone.llm_trainable_parameters(), "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
          "name": "llm"},
         {"params": head_params, "lr": cfg.train.lr, "weight_decay": 0.0, "name": "heads"},
-        {"params": [p for p in backbone.user_model.parameters() if id(p) not in table_ids], "lr": user_model_lr(cfg),
-         "weight_decay": 0.0, "name": "user_model"},
+        *user_model_groups([backbone.user_model], cfg),
     ]
-    if tables:
-        groups.append({"params": tables, "lr": user_model_lr(cfg), "name": "user_table", "row_wise": True})
-    return groups
 
 
 def drop_to_generic(user_idx: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:

@@ -17,7 +17,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from common.batching import collate_sequences  # noqa: E402
-from common.config import load_config  # noqa: E402
+from common.config import ConfigError, load_config  # noqa: E402
 from common.run import build_backbone, prepare_run_dir, save_artifacts, write_run_info  # noqa: E402
 from policy.model import PersonalizedPolicy  # noqa: E402
 from policy.ppo.core import (  # noqa: E402
@@ -509,3 +509,33 @@ def test_samples_per_prompt_repeats_each_pair(tmp_path):
     for gi in range(4):
         assert len(set(pairs[3 * gi:3 * gi + 3])) == 1
     assert pairs == PPOTrainer.sample_pairs(fake, 0)
+
+
+def test_rloo_advantages_hand_computed():
+    from policy.ppo.core import rloo_advantages
+
+    score = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    kl = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 2.0, 2.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
+    adv = rloo_advantages(score, kl, mask, 0.5, [0, 0, 1, 1])
+    # R = score - 0.5 * sum(kl * mask) = [0.5, 2.5, 2.0, -1.0]; each minus its sibling
+    expected = torch.tensor([0.5 - 2.5, 2.5 - 0.5, 2.0 + 1.0, -1.0 - 2.0])
+    assert torch.allclose(adv, expected.unsqueeze(1) * mask)
+
+
+def test_train_ppo_rloo_leaves_the_critic_alone(tmp_path, rm_run, ppo_data):
+    """The critic-free estimator trains the actor and never the value head (zero-initialised, so it stays 0)."""
+    from common.run import load_backbone_from_run, load_head
+    from pipelines.train_ppo import run
+    from policy.ppo.roles import new_value_head
+
+    out = tmp_path / "ppo_rloo"
+    cfg = load_config(None, ppo_overrides(out, ppo_data[0], rm_run, **{
+        "train.max_steps": 1, "ppo.advantage_estimator": "rloo", "ppo.samples_per_prompt": 2}))
+    run(cfg)
+    _, backbone, _, _, _ = load_backbone_from_run(out, CPU)
+    head = load_head(out, "value", new_value_head(backbone.hidden_size, torch.float32))
+    assert float(head.weight.abs().sum()) == 0.0 and float(head.bias.abs().sum()) == 0.0
+    assert float(backbone.user_model.implicit.offsets.weight.abs().sum()) > 0  # the actor did learn
+    with pytest.raises(ConfigError, match="ppo.advantage_estimator"):
+        load_config(None, ["ppo.advantage_estimator=rloo"])

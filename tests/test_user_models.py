@@ -151,3 +151,30 @@ def test_prepend_prefix_packs_padded_prefix():
     out = prepend_prefix(prefix, pmask, tok, torch.ones(1, 2, dtype=torch.long))
     assert out.attention_mask.tolist()[0] == [1, 1, 1, 1, 0]
     assert torch.equal(out.inputs_embeds[0, 2], tok[0, 0])
+
+
+@pytest.mark.parametrize("kind", ["individual", "cluster"])
+def test_shared_lr_zero_freezes_only_the_shared_parts(kind):
+    """`user_model.shared_lr` sets e_0 (individual) or the centres (cluster) apart from the per-user rows."""
+    from common.config import load_config
+    from common.trainer import user_model_groups
+    from user_models import build_user_model
+
+    cfg = load_config(None, ["user_model.lr=0.1", "user_model.shared_lr=0"])
+    torch.manual_seed(0)
+    um = build_user_model(kind, n_users=3, n_tokens=2, dim=4, n_clusters=2)
+    groups = user_model_groups([um], cfg)
+    assert sorted(g["lr"] for g in groups) == [0.0, 0.1]
+    shared_before = [p.detach().clone() for p in um.implicit.shared_parameters()]
+    per_user_before = [p.detach().clone() for p in um.implicit.user_parameters(1)]
+    opt = torch.optim.Adam(groups)
+    target = torch.randn(3, 2, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        (um(torch.tensor([1, 2, 0])).embeds * target).sum().backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(shared_before, um.implicit.shared_parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(per_user_before, um.implicit.user_parameters(1)))
+    # without shared_lr every user-model parameter is in one group at user_model.lr
+    one = user_model_groups([um], load_config(None, ["user_model.lr=0.1"]))
+    assert len(one) == 1 and len(one[0]["params"]) == len(list(um.parameters()))

@@ -41,6 +41,10 @@ class ImplicitUserModel(nn.Module):
         """Parameters that hold one user's own embedding (used by per-user adaptation)."""
         raise NotImplementedError
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters every user's embedding depends on (e_0, the centres V, the uniform embedding)."""
+        raise NotImplementedError
+
 
 def _grow_embedding(old: nn.Embedding, n_new: int, init: torch.Tensor) -> nn.Embedding:
     new = nn.Embedding(old.num_embeddings + n_new, old.embedding_dim, padding_idx=old.padding_idx,
@@ -72,6 +76,9 @@ class UniformUserModel(ImplicitUserModel):
     def user_parameters(self, user_idx: int) -> list[nn.Parameter]:
         return []  # nothing is user-specific
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.shared]
+
 
 class IndividualUserModel(ImplicitUserModel):
     """Example 2: e_i = e_0 + o_i, with o_0 = 0 so that index 0 is the generic embedding e_0."""
@@ -102,6 +109,9 @@ class IndividualUserModel(ImplicitUserModel):
 
     def user_parameters(self, user_idx: int) -> list[nn.Parameter]:
         return [self.offsets.weight]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.generic]
 
 
 class ClusterUserModel(ImplicitUserModel):
@@ -148,6 +158,9 @@ class ClusterUserModel(ImplicitUserModel):
 
     def user_parameters(self, user_idx: int) -> list[nn.Parameter]:
         return [self.logits.weight]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.centres]
 
 
 def build_implicit_user_model(kind: str, n_users: int, n_tokens: int, dim: int, n_clusters: int = 4,

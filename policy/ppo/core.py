@@ -187,6 +187,15 @@ def leave_one_out_centre(raw: torch.Tensor, groups: list[int]) -> torch.Tensor:
     return out
 
 
+def rloo_advantages(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                    groups: list[int]) -> torch.Tensor:
+    """Critic-free advantages [B, T] (RLOO, Ahmadian et al. 2024): each sample's sequence reward
+    R_i = score_i - kl_coef * sum_t kl_it, minus the mean R of the other samples of its group, on every real token.
+    The KL term is inside R, so a sample that strays further from the reference than its siblings is held back."""
+    seq = score.float() - kl_coef * (kl.float() * mask).sum(1)
+    return leave_one_out_centre(seq, groups).unsqueeze(1) * mask.to(torch.float)
+
+
 _ALL = "\0all users"  # the all-user statistics' key (no source user id contains a NUL)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from common.backbone import PersonalizedBackbone
 from common.batching import PairEncoder, collate_sequences
 from common.config import Config, ConfigError
-from common.trainer import user_model_lr
+from common.trainer import user_model_groups
 from policy.model import PersonalizedPolicy, response_logps
 from policy.ppo.core import entropy_from_logits
 from preference_data.vocab import GENERIC, UserVocab
@@ -290,16 +290,13 @@ class PPOModules(nn.Module):
         raise RuntimeError("PPOModules is a parameter container; use the Actor / Critic roles")
 
     def param_groups(self, cfg: Config) -> list[dict]:
-        """LLM adapters and heads at train.lr (with weight decay); user models at user_model.lr (default 10 x),
-        never decayed."""
-        lr = cfg.train.lr
-        user_lr = user_model_lr(cfg)
+        """LLM adapters and heads at train.lr (with weight decay); user models at their own rates (see
+        `common.trainer.user_model_groups`), never decayed."""
         backbones = [self.actor] + ([self.critic] if self.critic is not None else [])
-        user = [p for b in backbones for p in b.user_model.parameters() if p.requires_grad]
         llm = [p for b in backbones for p in b.llm_trainable_parameters()]
         heads = [p for p in self.value_head.parameters() if p.requires_grad]
-        return [{"params": llm + heads, "lr": lr, "weight_decay": cfg.train.weight_decay, "name": "llm+heads"},
-                {"params": user, "lr": user_lr, "weight_decay": 0.0, "name": "user_model"}]
+        return [{"params": llm + heads, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "name": "llm+heads"},
+                *user_model_groups([b.user_model for b in backbones], cfg)]
 
 
 def new_value_head(hidden_size: int, dtype: torch.dtype) -> nn.Linear:

@@ -12,7 +12,8 @@ One iteration (`train.max_steps` of them):
 4. reference log-probs (adapters off, no prefix), old log-probs and values (one forward when the critic shares
    the actor's backbone);
 5. per-token rewards -kl_coef * (log pi - log pi_ref), the score added at the last response token; GAE; whitened
-   advantages;
+   advantages (or, with `ppo.advantage_estimator=rloo`, the critic-free leave-one-out advantage of each sample's
+   KL-penalised sequence reward within its (prompt, user) group);
 6. `ppo.ppo_epochs` passes over shuffled minibatches of `ppo.minibatch_size`: clipped policy loss +
    `ppo.vf_coef` * clipped value loss, one optimizer step per minibatch (plain torch or a DeepSpeed engine);
 7. update the KL controller, log, write `ppo_history.json`, and every `train.save_every` iterations an atomic,
@@ -55,6 +56,7 @@ from policy.ppo.core import (
     make_kl_controller,
     masked_mean,
     per_token_kl_rewards,
+    rloo_advantages,
     whiten,
 )
 from policy.ppo.roles import Actor, Critic, PPOModules, Reference, Reward, user_key
@@ -266,7 +268,13 @@ class PPOTrainer:
 
         # 5. KL-penalised per-token rewards, GAE, whitening
         ro.rewards, ro.kl = per_token_kl_rewards(ro.logps, ro.ref_logps, ro.mask, self.kl_ctl.value, scores)
-        ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, ro.mask, p.gamma, p.lam)
+        if p.advantage_estimator == "rloo":
+            k = p.samples_per_prompt
+            ro.advantages = rloo_advantages(scores, ro.kl, ro.mask, self.kl_ctl.value,
+                                            [i // k for i in range(len(ro))])
+            ro.returns = ro.values.clone()  # no value targets: the critic is not trained
+        else:
+            ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, ro.mask, p.gamma, p.lam)
         if p.whiten_advantages:
             ro.advantages = whiten(ro.advantages, ro.mask)
         n_tokens = int(ro.mask.sum())
@@ -308,7 +316,7 @@ class PPOTrainer:
                     logp, ro.logps[idx].to(self.device), ro.advantages[idx].to(self.device), mask, p.clip_range)
                 vf_loss, vf_clipfrac = clipped_value_loss(
                     values, ro.values[idx].to(self.device), ro.returns[idx].to(self.device), mask, p.clip_range_value)
-                loss = pg_loss + p.vf_coef * vf_loss
+                loss = pg_loss + p.vf_coef * vf_loss if p.advantage_estimator == "gae" else pg_loss
                 if not torch.isfinite(loss):
                     raise TrainingError(f"PPO loss is {loss.item()} at iteration {iteration + 1} (epoch {epoch + 1}); "
                                         "stopping without writing a checkpoint. Lower train.lr or check the RM.")
