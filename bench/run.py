@@ -4,7 +4,7 @@ NAME:
   pdpo_step    seconds per optimizer step: TRL DPOTrainer (trl_dpo), our vanilla DPO (dpo: uniform user model,
                alpha=1), P-DPO exact (pdpo), P-DPO stochastic estimator (pdpo_stochastic)
   rm_step      seconds per optimizer step: TRL RewardTrainer (trl_rm), our vanilla RM (rm), personalized RM (prm,
-               alpha=0.5 exact)
+               alpha=0.5 exact), personalized RM with the stochastic estimator (prm_stochastic)
   ppo_rollout  rollout tokens/s: per-example generate loop (naive) vs one batched generate (batched); and the time
                split of one PPO iteration (ppo_iteration: generate / score / reference / policy+value / train)
   user_scale   parameter + optimizer-state bytes and step time of the individual and cluster user models at

@@ -106,6 +106,7 @@ def ours_dpo(impl: str, a: BenchArgs, pairs, tmp: Path, n_params: int) -> dict[s
 
 RM_VARIANTS = {
     "prm": ("individual", 0.5, "exact", 4),
+    "prm_stochastic": ("individual", 0.5, "stochastic", 2),
     "rm": ("uniform", 1.0, "exact", 2),
 }
 
@@ -282,7 +283,7 @@ def run_pdpo_step(a: BenchArgs) -> list[dict]:
 
 
 def run_rm_step(a: BenchArgs) -> list[dict]:
-    return _run_step_bench(a, "rm", "trl_rm", trl_rm, ours_rm, ("rm", "prm"))
+    return _run_step_bench(a, "rm", "trl_rm", trl_rm, ours_rm, ("rm", "prm", "prm_stochastic"))
 
 
 def model_meta(name: str, dtype: str = "float32"):

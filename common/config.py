@@ -122,6 +122,10 @@ class PPOConfig:
     minibatch_size: int = _f(8, "samples per PPO gradient step")
     ppo_epochs: int = _f(2, "passes over each rollout batch")
     generic_user_share: float = _f(0.2, "share of rollout samples generated for the generic user 0")
+    user_sampling: Literal["random", "cycle"] = _f(
+        "random", "how the seen users of a rollout batch are drawn: random (uniform, independently) or cycle (walk "
+        "through a fresh random order of all seen users, batch after batch, so that every user gets the same number "
+        "of samples within one pass; a small group is never left out of a batch by chance)")
     max_new_tokens: int = _f(48, "generation length limit")
     temperature: float = _f(1.0, "sampling temperature")
     top_k: int = _f(0, "top-k sampling (0: off)")

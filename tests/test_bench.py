@@ -43,9 +43,10 @@ def test_pdpo_step_rows(tmp_path):
 
 def test_rm_step_rows(tmp_path):
     _, rows = _run(tmp_path, "rm_step", "--steps", "1", "--warmup", "1", "--batch", "2")
-    assert set(rows) == {"trl_rm", "rm", "prm"}
+    assert set(rows) == {"trl_rm", "rm", "prm", "prm_stochastic"}
     assert all(_positive(r["step_s"]) for r in rows.values())
     assert rows["prm"]["rows_per_step"] == 8 and rows["trl_rm"]["rows_per_step"] == 4
+    assert rows["prm_stochastic"]["rows_per_step"] == 4
 
 
 def test_ppo_rollout_rows(tmp_path):

@@ -539,3 +539,23 @@ def test_train_ppo_rloo_leaves_the_critic_alone(tmp_path, rm_run, ppo_data):
     assert float(backbone.user_model.implicit.offsets.weight.abs().sum()) > 0  # the actor did learn
     with pytest.raises(ConfigError, match="ppo.advantage_estimator"):
         load_config(None, ["ppo.advantage_estimator=rloo"])
+
+
+def test_cycled_user_sampling_visits_every_user_equally():
+    """`ppo.user_sampling=cycle`: over a whole pass each seen user gets the same number of samples (a group of three
+    among ten is never skipped by chance), still a pure function of (seed, iteration)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from policy.ppo.trainer import PPOTrainer
+
+    cfg = load_config(None, ["ppo.rollout_batch_size=12", "ppo.samples_per_prompt=2", "ppo.minibatch_size=4",
+                             "ppo.generic_user_share=0.0", "ppo.user_sampling=cycle"])
+    users = [f"u{i}" for i in range(10)]
+    fake = SimpleNamespace(ppo=cfg.ppo, cfg=cfg, prompts=[f"p{i}" for i in range(20)], users=users)
+    fake._seed = lambda it, stream: PPOTrainer._seed(fake, it, stream)
+    fake.cycled_users = lambda start, n: PPOTrainer.cycled_users(fake, start, n)
+    drawn = [u for it in range(5) for (_, u) in PPOTrainer.sample_pairs(fake, it)[::2]]  # 6 groups x 5 = 3 passes
+    assert Counter(drawn) == {u: 3 for u in users}
+    assert drawn[:10] != drawn[10:20]  # each pass in its own order
+    assert PPOTrainer.sample_pairs(fake, 3) == PPOTrainer.sample_pairs(fake, 3)

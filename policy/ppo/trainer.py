@@ -3,7 +3,7 @@
 One iteration (`train.max_steps` of them):
 
 1. sample `ppo.rollout_batch_size` (prompt, user) pairs: prompts uniformly from the distinct training prompts,
-   users uniformly from the RM's seen users, and a `ppo.generic_user_share` of the batch as the generic user 0;
+   users uniformly from the RM's seen users (or, with `ppo.user_sampling=cycle`, in turn), and a `ppo.generic_user_share` of the batch as the generic user 0;
    a pure function of (seed, iteration), so a resumed run draws exactly what an uninterrupted one would;
 2. generate one response per pair with the actor (user prefix, left-padded batch, KV cache, sampling config);
 3. score each response with the frozen RM *for the user it was generated for*; standardise per user (running
@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 HISTORY_FILE = "ppo_history.json"
 
 # independent random streams of one iteration
-_STREAM_PAIRS, _STREAM_SAMPLING, _STREAM_EPOCH = 1, 2, 8
+_STREAM_PAIRS, _STREAM_SAMPLING, _STREAM_USER_CYCLE, _STREAM_EPOCH = 1, 2, 3, 8
 
 
 @dataclass
@@ -185,10 +185,27 @@ class PPOTrainer:
         n_generic = B if not self.users else int(round(self.ppo.generic_user_share * B))
         generic = set(torch.randperm(B, generator=g)[:n_generic].tolist())
         prompt_idx = torch.randint(len(self.prompts), (B,), generator=g).tolist()
-        user_idx = torch.randint(max(len(self.users), 1), (B,), generator=g).tolist()
+        if self.ppo.user_sampling == "cycle" and self.users:
+            user_idx = [0] * B
+            personal = [i for i in range(B) if i not in generic]
+            for i, u in zip(personal, self.cycled_users(iteration * len(personal), len(personal))):
+                user_idx[i] = u
+        else:
+            user_idx = torch.randint(max(len(self.users), 1), (B,), generator=g).tolist()
         pairs = [(p, None if i in generic else self.users[u]) for i, (p, u) in enumerate(zip(prompt_idx, user_idx))]
         return dist.shard([pair for pair in pairs for _ in range(k)], dist.rank() if rank is None else rank,
                           dist.world_size() if world_size is None else world_size, group=k, what="rollout samples")
+
+    def cycled_users(self, start: int, n: int) -> list[int]:
+        """Positions start .. start+n-1 of an endless walk through the seen users, each pass in its own random
+        order (seeded by the pass): every user appears once per pass, and the walk is a pure function of the seed."""
+        n_users = len(self.users)
+        out = []
+        for pos in range(start, start + n):
+            p, r = divmod(pos, n_users)
+            g = torch.Generator().manual_seed(self._seed(p, _STREAM_USER_CYCLE))
+            out.append(int(torch.randperm(n_users, generator=g)[r]))
+        return out
 
     # ------------------------------------------------------------------------------------------ 3. scores
     def shape_all_ranks(self, raw: torch.Tensor, ended: torch.Tensor, users: list[str | None],
