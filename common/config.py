@@ -122,6 +122,10 @@ class PPOConfig:
     minibatch_size: int = _f(8, "samples per PPO gradient step")
     ppo_epochs: int = _f(2, "passes over each rollout batch")
     generic_user_share: float = _f(0.2, "share of rollout samples generated for the generic user 0")
+    init_user_model: Literal["fresh", "rm"] = _f(
+        "fresh", "start of the actor's user model: fresh (every user at the generic embedding, as in train_rm) or rm "
+        "(a copy of the reward model's trained user model: users the RM found alike start alike, so the shared "
+        "LoRA can serve a whole group from the start; needs the same user_model.kind and n_tokens as the RM run)")
     user_sampling: Literal["random", "cycle"] = _f(
         "random", "how the seen users of a rollout batch are drawn: random (uniform, independently) or cycle (walk "
         "through a fresh random order of all seen users, batch after batch, so that every user gets the same number "

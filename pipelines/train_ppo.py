@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> dict:
-    from policy.ppo.roles import VALUE_HEAD, build_roles, check_rm_run, load_reward_role
+    from policy.ppo.roles import VALUE_HEAD, build_roles, check_rm_run, init_user_model_from_rm, load_reward_role
     from policy.ppo.trainer import PPOTrainer
 
     dist.setup(cfg)
@@ -51,6 +51,10 @@ def run(cfg: Config) -> dict:
     t0 = time.time()
     reward = load_reward_role(rm_run, device)
     modules, actor, critic, reference, tokenizer = build_roles(cfg, len(vocab), device)
+    if cfg.ppo.init_user_model == "rm":
+        for backbone in (modules.actor, modules.critic):
+            if backbone is not None:
+                init_user_model_from_rm(backbone.user_model, reward)
     tracker = Tracker(cfg, run_dir, job_type="ppo")
     trainer = PPOTrainer(cfg, run_dir, modules, actor, critic, reference, reward, tokenizer, vocab, prompts,
                          user_texts=user_texts, tracker=tracker, device=device)

@@ -27,6 +27,7 @@ from common.trainer import user_model_groups
 from policy.model import PersonalizedPolicy, response_logps
 from policy.ppo.core import entropy_from_logits
 from preference_data.vocab import GENERIC, UserVocab
+from user_models import UserModel
 
 RM_HEAD = "score"  # head name in the RM run's checkpoint/: score_head.safetensors
 VALUE_HEAD = "value"  # head name in the PPO run's checkpoint/: value_head.safetensors
@@ -260,6 +261,21 @@ def check_rm_run(rm_run: str | None, key: str = "ppo.rm_run") -> Path:
     return run
 
 
+def init_user_model_from_rm(target: UserModel, reward: Reward) -> None:
+    """Copy the RM's trained user model into `target` (`ppo.init_user_model=rm`). The actor's users are the RM's
+    users (same vocabulary, same indices), so a user's row carries over as is; a different kind or shape is a
+    config error naming the key."""
+    source = reward.model.backbone.user_model
+    want = {k: v for k, v in source.describe().items() if k not in ("dtype", "num_parameters")}
+    have = {k: v for k, v in target.describe().items() if k not in ("dtype", "num_parameters")}
+    if want != have:
+        diff = {k: (have.get(k), want.get(k)) for k in want.keys() | have.keys() if have.get(k) != want.get(k)}
+        raise ConfigError(f"config key 'ppo.init_user_model' = 'rm': the actor's user model does not match the RM's "
+                          f"({', '.join(f'{k}: {a} here vs {b} in the RM' for k, (a, b) in sorted(diff.items()))}); "
+                          "set user_model.* like the RM run's config, or use 'fresh'")
+    target.load_state_dict(source.state_dict())  # copies into the existing tensors (their dtype and device)
+
+
 def load_reward_role(rm_run: str | Path, device: torch.device | str) -> Reward:
     """The frozen `Reward` role of a finished train_rm run (also what `evaluate` uses to score PPO samples)."""
     from common.run import load_backbone_from_run, load_head
@@ -334,4 +350,4 @@ def user_key(user_id: str | None) -> str:
 
 
 __all__ = ["Actor", "Critic", "Reference", "Reward", "PPOModules", "build_roles", "check_rm_run",
-           "load_reward_role", "new_value_head", "response_index", "user_key", "RM_HEAD", "VALUE_HEAD", "GENERIC"]
+           "load_reward_role", "init_user_model_from_rm", "new_value_head", "response_index", "user_key", "RM_HEAD", "VALUE_HEAD", "GENERIC"]
