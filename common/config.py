@@ -124,8 +124,13 @@ class PPOConfig:
     generic_user_share: float = _f(0.2, "share of rollout samples generated for the generic user 0")
     init_user_model: Literal["fresh", "rm"] = _f(
         "fresh", "start of the actor's user model: fresh (every user at the generic embedding, as in train_rm) or rm "
-        "(a copy of the reward model's trained user model: users the RM found alike start alike, so the shared "
-        "LoRA can serve a whole group from the start; needs the same user_model.kind and n_tokens as the RM run)")
+        "(the RM's trained per-user parameters, o_i or the cluster logits a_i, times ppo.init_user_model_scale; the "
+        "shared part keeps the actor's own init): users the RM found alike start alike, so the shared LoRA can serve "
+        "a whole group from the start; needs the same user_model.kind and n_tokens as the RM run")
+    init_user_model_scale: float = _f(
+        0.3, "with ppo.init_user_model=rm: factor on the copied per-user parameters. The RM's embeddings are tuned "
+        "for the RM's LoRA; at full size they derail the actor's generation (sequence KL ~30 at the first rollout "
+        "in the demo), scaled down they keep their directions")
     user_sampling: Literal["random", "cycle"] = _f(
         "random", "how the seen users of a rollout batch are drawn: random (uniform, independently) or cycle (walk "
         "through a fresh random order of all seen users, batch after batch, so that every user gets the same number "
@@ -391,6 +396,7 @@ def validate(cfg: Config) -> None:
          "'group' needs ppo.samples_per_prompt >= 2")
     need(ppo.advantage_estimator != "rloo" or ppo.samples_per_prompt >= 2, "ppo.advantage_estimator",
          "'rloo' needs ppo.samples_per_prompt >= 2")
+    need(ppo.init_user_model_scale > 0, "ppo.init_user_model_scale", "must be > 0")
     need(ppo.temperature > 0, "ppo.temperature", "must be > 0")
     need(0 < ppo.top_p <= 1, "ppo.top_p", "must be in (0, 1]")
     need(ppo.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")

@@ -54,7 +54,7 @@ def run(cfg: Config) -> dict:
     if cfg.ppo.init_user_model == "rm":
         for backbone in (modules.actor, modules.critic):
             if backbone is not None:
-                init_user_model_from_rm(backbone.user_model, reward)
+                init_user_model_from_rm(backbone.user_model, reward, cfg.ppo.init_user_model_scale)
     tracker = Tracker(cfg, run_dir, job_type="ppo")
     trainer = PPOTrainer(cfg, run_dir, modules, actor, critic, reference, reward, tokenizer, vocab, prompts,
                          user_texts=user_texts, tracker=tracker, device=device)

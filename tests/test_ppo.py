@@ -562,28 +562,30 @@ def test_cycled_user_sampling_visits_every_user_equally():
 
 
 def test_init_user_model_from_rm_copies_the_rms_users(tmp_path, rm_run, ppo_data):
-    """`ppo.init_user_model=rm`: the actor starts with the RM's user embeddings (row for row: same vocabulary); a
-    user model of another shape is refused naming the key."""
+    """`ppo.init_user_model=rm`: the actor's per-user rows start as the RM's times the scale (row for row: same
+    vocabulary), e_0 keeps the actor's own init; a user model of another shape is refused naming the key."""
     from common.run import load_backbone_from_run
     from pipelines.train_ppo import run
     from policy.ppo.roles import build_roles, init_user_model_from_rm, load_reward_role
 
     reward = load_reward_role(rm_run, CPU)
-    rm_users = reward.model.backbone.user_model
+    rm_offsets = reward.model.backbone.user_model.implicit.offsets.weight
+    n_users = reward.model.backbone.user_model.n_users
     cfg = load_config(None, ppo_overrides(tmp_path / "x", ppo_data[0], rm_run, **{"ppo.init_user_model": "rm"}))
-    modules, *_ = build_roles(cfg, rm_users.n_users, CPU)
-    assert not torch.equal(modules.actor.user_model.implicit.offsets.weight, rm_users.implicit.offsets.weight)
-    init_user_model_from_rm(modules.actor.user_model, reward)
-    for a, b in zip(modules.actor.user_model.state_dict().values(), rm_users.state_dict().values()):
-        assert torch.equal(a, b)
+    modules, *_ = build_roles(cfg, n_users, CPU)
+    generic = modules.actor.user_model.implicit.generic.detach().clone()
+    init_user_model_from_rm(modules.actor.user_model, reward, 0.5)
+    assert torch.equal(modules.actor.user_model.implicit.offsets.weight, 0.5 * rm_offsets)
+    assert torch.equal(modules.actor.user_model.implicit.generic, generic)
     other = load_config(None, ppo_overrides(tmp_path / "y", ppo_data[0], rm_run, **{"user_model.n_tokens": 3}))
-    wrong, *_ = build_roles(other, rm_users.n_users, CPU)
+    wrong, *_ = build_roles(other, n_users, CPU)
     with pytest.raises(ConfigError, match="ppo.init_user_model"):
         init_user_model_from_rm(wrong.actor.user_model, reward)
-    # wired into train_ppo: with (almost) no user-model learning the trained actor's user model is the RM's
+    # wired into train_ppo: with (almost) no user-model learning the trained actor's rows are the scaled RM rows
     out = tmp_path / "ppo_init"
     run(load_config(None, ppo_overrides(out, ppo_data[0], rm_run, **{
-        "ppo.init_user_model": "rm", "user_model.lr": 1e-12, "user_model.shared_lr": 0.0})))
+        "ppo.init_user_model": "rm", "ppo.init_user_model_scale": 0.3, "user_model.lr": 1e-12,
+        "user_model.shared_lr": 0.0})))
     _, backbone, _, _, _ = load_backbone_from_run(out, CPU)
-    for a, b in zip(backbone.user_model.state_dict().values(), rm_users.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-9) and a.abs().sum() > 0
+    got = backbone.user_model.implicit.offsets.weight
+    assert torch.allclose(got, 0.3 * rm_offsets, atol=1e-9) and got.abs().sum() > 0

@@ -261,10 +261,11 @@ def check_rm_run(rm_run: str | None, key: str = "ppo.rm_run") -> Path:
     return run
 
 
-def init_user_model_from_rm(target: UserModel, reward: Reward) -> None:
-    """Copy the RM's trained user model into `target` (`ppo.init_user_model=rm`). The actor's users are the RM's
-    users (same vocabulary, same indices), so a user's row carries over as is; a different kind or shape is a
-    config error naming the key."""
+def init_user_model_from_rm(target: UserModel, reward: Reward, scale: float = 1.0) -> None:
+    """Start `target`'s per-user parameters (individual o_i, cluster logits a_i) from the RM's trained ones times
+    `scale` (`ppo.init_user_model=rm`); its shared part (e_0, the centres) keeps its own init. The actor's users are
+    the RM's users (same vocabulary, same indices), so a user's row carries over as is; a different kind or shape
+    is a config error naming the key."""
     source = reward.model.backbone.user_model
     want = {k: v for k, v in source.describe().items() if k not in ("dtype", "num_parameters")}
     have = {k: v for k, v in target.describe().items() if k not in ("dtype", "num_parameters")}
@@ -273,7 +274,9 @@ def init_user_model_from_rm(target: UserModel, reward: Reward) -> None:
         raise ConfigError(f"config key 'ppo.init_user_model' = 'rm': the actor's user model does not match the RM's "
                           f"({', '.join(f'{k}: {a} here vs {b} in the RM' for k, (a, b) in sorted(diff.items()))}); "
                           "set user_model.* like the RM run's config, or use 'fresh'")
-    target.load_state_dict(source.state_dict())  # copies into the existing tensors (their dtype and device)
+    with torch.no_grad():
+        for mine, theirs in zip(target.implicit.user_parameters(1), source.implicit.user_parameters(1)):
+            mine.copy_(theirs.to(mine) * scale)
 
 
 def load_reward_role(rm_run: str | Path, device: torch.device | str) -> Reward:
