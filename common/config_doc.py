@@ -16,7 +16,7 @@ Shipped configs:
 
 | file | what |
 |---|---|
-| `demo/rm.yaml`, `demo/ppo.yaml`, `demo/pdpo.yaml` | the embedded demo (length-conflict task, `smollm2-135m`) |
+| `demo/sft.yaml`, `demo/rm.yaml`, `demo/ppo.yaml`, `demo/pdpo.yaml` | the embedded demo (length-conflict task, `smollm2-135m`) |
 | `tldr_length/*.yaml` | TL;DR length-conflict simulation on real posts (seed section 5.1) |
 | `mtbench/*.yaml` | MT-Bench human judges as users |
 | `summary_prefs/*.yaml` | MTurk summary preferences with demographics as user text |
