@@ -16,20 +16,27 @@ def generate_per_user(policy, encoder, prompts: list[str], users: dict[str, int]
     tok = encoder.tok
     prompt_ids = [encoder.prompt_ids(p) for p in prompts]
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id)
-    result: dict = {"users": {}, "examples": {}, "texts": {}}
-    targets = [(label, idx, False) for label, idx in users.items()]
+    # every (user, prompt) row in as few batched calls as possible: the user index is a per-row tensor, so users
+    # share a batch (one decoding pass over the weights serves batch_size rows instead of len(prompts))
+    rows = [(label, idx, j) for label, idx in users.items() for j in range(len(prompt_ids))]
+    texts: dict[str, list[str]] = {label: [""] * len(prompt_ids) for label in users}
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        out = policy.generate([prompt_ids[j] for _, _, j in chunk], torch.tensor([idx for _, idx, _ in chunk]),
+                              pad_id=pad_id, **gen)
+        for (label, _, j), o in zip(chunk, out):
+            texts[label][j] = tok.decode(o, skip_special_tokens=True).strip()
     if include_reference:
-        targets.append(("<reference>", 0, True))
-    for label, idx, is_ref in targets:
-        texts = []
+        texts["<reference>"] = []
         for i in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[i:i + batch_size]
-            user_idx = torch.full((len(chunk),), idx, dtype=torch.long)
-            out = policy.generate(chunk, user_idx, pad_id=pad_id, reference=is_ref, **gen)
-            texts += [tok.decode(o, skip_special_tokens=True).strip() for o in out]
-        mean_words = sum(words(t) for t in texts) / max(len(texts), 1)
-        result["users"][label] = mean_words
-        rows = [{"prompt": p, "response": t} for p, t in zip(prompts, texts)]
-        result["texts"][label] = rows
-        result["examples"][label] = rows[:sample_outputs]
+            out = policy.generate(chunk, torch.zeros(len(chunk), dtype=torch.long), pad_id=pad_id, reference=True,
+                                  **gen)
+            texts["<reference>"] += [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+    result: dict = {"users": {}, "examples": {}, "texts": {}}
+    for label, outs in texts.items():
+        result["users"][label] = sum(words(t) for t in outs) / max(len(outs), 1)
+        pairs = [{"prompt": p, "response": t} for p, t in zip(prompts, outs)]
+        result["texts"][label] = pairs
+        result["examples"][label] = pairs[:sample_outputs]
     return result

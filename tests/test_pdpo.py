@@ -98,6 +98,27 @@ def test_batched_left_padded_generation_equals_single():
     assert batched == single
 
 
+def test_generate_per_user_batches_users_together_with_the_same_result():
+    """Users share generation batches (one decoding pass serves many (user, prompt) rows): the result is the one of
+    generating each user's prompts on their own."""
+    from common.batching import PairEncoder
+    from common.config import load_config as _load
+    from policy.generation import generate_per_user
+
+    policy, tok = tiny_policy()
+    with torch.no_grad():
+        w = policy.backbone.user_model.implicit.offsets.weight
+        w[1:] += 0.3 * torch.randn(w.shape[0] - 1, w.shape[1])
+    encoder = PairEncoder.from_config(tok, _load(None, ["model.name=tiny-random"]))
+    prompts = ["hello there", "a b c d e f", "why"]
+    users = {"<generic>": 0, "u1": 1, "u2": 2}
+    together = generate_per_user(policy, encoder, prompts, users, 6, tok.pad_token_id, batch_size=7)
+    alone = generate_per_user(policy, encoder, prompts, users, 6, tok.pad_token_id, batch_size=1)
+    assert together["texts"] == alone["texts"] and together["users"] == alone["users"]
+    assert set(together["users"]) == {"<generic>", "u1", "u2", "<reference>"}
+    assert len(together["texts"]["u2"]) == 3 and together["examples"]["u1"] == together["texts"]["u1"][:2]
+
+
 def test_pdpo_run_separates_users_and_writes_run_folder(tmp_path, toy_data):
     import json
 
