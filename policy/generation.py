@@ -12,7 +12,8 @@ def generate_per_user(policy, encoder, prompts: list[str], users: dict[str, int]
                       pad_id: int, batch_size: int = 16, include_reference: bool = True,
                       sample_outputs: int = 2) -> dict:
     """For every user (label -> index; index 0 is the generic user) and the reference policy: mean words of the
-    greedy responses, and a few example responses."""
+    greedy responses (`users`), mean tokens (`response_tokens`, EOS included), mean share of distinct tokens per
+    response (`distinct_token_share`), every response (`texts`) and a few examples."""
     tok = encoder.tok
     prompt_ids = [encoder.prompt_ids(p) for p in prompts]
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id)
@@ -20,22 +21,30 @@ def generate_per_user(policy, encoder, prompts: list[str], users: dict[str, int]
     # share a batch (one decoding pass over the weights serves batch_size rows instead of len(prompts))
     rows = [(label, idx, j) for label, idx in users.items() for j in range(len(prompt_ids))]
     texts: dict[str, list[str]] = {label: [""] * len(prompt_ids) for label in users}
+    ids: dict[str, list[list[int]]] = {label: [[]] * len(prompt_ids) for label in users}
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         out = policy.generate([prompt_ids[j] for _, _, j in chunk], torch.tensor([idx for _, idx, _ in chunk]),
                               pad_id=pad_id, **gen)
         for (label, _, j), o in zip(chunk, out):
             texts[label][j] = tok.decode(o, skip_special_tokens=True).strip()
+            ids[label][j] = o
     if include_reference:
-        texts["<reference>"] = []
+        texts["<reference>"], ids["<reference>"] = [], []
         for i in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[i:i + batch_size]
             out = policy.generate(chunk, torch.zeros(len(chunk), dtype=torch.long), pad_id=pad_id, reference=True,
                                   **gen)
             texts["<reference>"] += [tok.decode(o, skip_special_tokens=True).strip() for o in out]
-    result: dict = {"users": {}, "examples": {}, "texts": {}}
+            ids["<reference>"] += out
+    result: dict = {"users": {}, "examples": {}, "texts": {}, "response_tokens": {}, "distinct_token_share": {}}
     for label, outs in texts.items():
-        result["users"][label] = sum(words(t) for t in outs) / max(len(outs), 1)
+        n = max(len(outs), 1)
+        result["users"][label] = sum(words(t) for t in outs) / n
+        # words can be fooled (a run of "BBBB..." is one word): tokens and the share of distinct tokens per
+        # response (distinct-1) show whether a short answer is an answer or a degenerate string
+        result["response_tokens"][label] = sum(len(o) for o in ids[label]) / n
+        result["distinct_token_share"][label] = sum(len(set(o)) / len(o) if o else 1.0 for o in ids[label]) / n
         pairs = [{"prompt": p, "response": t} for p, t in zip(prompts, outs)]
         result["texts"][label] = pairs
         result["examples"][label] = pairs[:sample_outputs]

@@ -117,6 +117,30 @@ def test_generate_per_user_batches_users_together_with_the_same_result():
     assert together["texts"] == alone["texts"] and together["users"] == alone["users"]
     assert set(together["users"]) == {"<generic>", "u1", "u2", "<reference>"}
     assert len(together["texts"]["u2"]) == 3 and together["examples"]["u1"] == together["texts"]["u1"][:2]
+    assert together["response_tokens"] == alone["response_tokens"]
+    assert all(0 < together["response_tokens"][u] <= 6 for u in users)
+    assert all(0 < v <= 1 for v in together["distinct_token_share"].values())
+
+
+def test_generation_stats_expose_degenerate_short_answers():
+    """A run of one token counts as one word; its token count and distinct-token share give it away."""
+    from types import SimpleNamespace
+
+    from policy.generation import generate_per_user
+
+    canned = {1: [7, 7, 7, 7, 7, 7, 7, 7], 2: [3, 4, 5, 2]}  # user 1: "BBBBBBBB" (no EOS); user 2: an answer + EOS
+
+    class Stub:
+        def generate(self, prompts, user_idx, pad_id=0, reference=False, **kw):
+            return [list(canned[2 if reference else int(u)]) for u in user_idx]
+
+    vocab = {7: "B", 3: "Yes ", 4: "it ", 5: "is", 2: ""}
+    tok = SimpleNamespace(eos_token_id=2, decode=lambda ids, skip_special_tokens=True: "".join(vocab[i] for i in ids))
+    encoder = SimpleNamespace(tok=tok, prompt_ids=lambda p: [9, 9])
+    out = generate_per_user(Stub(), encoder, ["p", "q"], {"u1": 1, "u2": 2}, 8, 0)
+    assert out["users"] == {"u1": 1.0, "u2": 3.0, "<reference>": 3.0}
+    assert out["response_tokens"]["u1"] == 8.0 and out["distinct_token_share"]["u1"] == 1 / 8
+    assert out["distinct_token_share"]["u2"] == 1.0
 
 
 def test_pdpo_run_separates_users_and_writes_run_folder(tmp_path, toy_data):
