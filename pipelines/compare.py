@@ -55,6 +55,12 @@ def build_comparison(runs: list[dict]) -> dict:
             length_by_group.setdefault(r["label"], {})["generic user"] = gen["users"]["<generic>"]
         if gen and "<reference>" in gen["users"]:
             length_by_group.setdefault("reference (SFT)", {})["all users"] = gen["users"]["<reference>"]
+    degeneracy = {}  # run -> "group: tokens / distinct-1" (words alone cannot tell "." from "BBBBBBBB")
+    for r in runs:
+        gen = r["metrics"].get("generation") or {}
+        toks, distinct = gen.get("response_tokens_per_group"), gen.get("distinct_token_share_per_group")
+        if toks and distinct:
+            degeneracy[r["label"]] = {g: f"{toks[g]:.1f} / {distinct.get(g, float('nan')):.2f}" for g in toks}
     cost = {}
     for r in runs:
         t = r["metrics"].get("training") or {}
@@ -66,7 +72,8 @@ def build_comparison(runs: list[dict]) -> dict:
     return {"runs": [{k: r[k] for k in ("label", "dir", "route", "user_model")} for r in runs],
             "per_user_accuracy": table, "per_group_accuracy": per_group, "generic_accuracy": generic,
             "response_words": lengths, "response_words_by_group": length_by_group,
-            "reference_response_words": reference_words, "cost": cost}
+            "reference_response_words": reference_words, "response_tokens_and_distinct_by_group": degeneracy,
+            "cost": cost}
 
 
 def _fmt(x, d=3):
@@ -109,6 +116,12 @@ def write_report(comp: dict, out: Path) -> Path:
         cols = sorted({c for v in comp["response_words_by_group"].values() for c in v})
         lines += ["", "## Mean response length (words, greedy, held-out prompts)", ""]
         lines += _md_table(comp["response_words_by_group"], cols, "run", 1)
+    if comp.get("response_tokens_and_distinct_by_group"):
+        deg = comp["response_tokens_and_distinct_by_group"]
+        cols = sorted({c for v in deg.values() for c in v})
+        lines += ["", "Tokens per response / share of distinct tokens per response (distinct-1; a degenerate run of "
+                  "one token scores near 0, an answer near 1):", ""]
+        lines += _md_table(deg, cols, "run")
     lines += ["", "## Training cost", "", "| run | route | user model | wall s | tokens/s | trainable params | "
               "user-model params | LLM params |", "|---|---|---|---|---|---|---|---|"]
     for lab, c in comp["cost"].items():

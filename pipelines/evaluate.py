@@ -99,6 +99,12 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
             if groups.get(u) is not None:
                 by_group.setdefault(groups[u], []).append(w)
         metrics["generation"]["per_group"] = {g: sum(v) / len(v) for g, v in by_group.items()}
+        for key in ("response_tokens", "distinct_token_share"):  # the same group means, for tokens and distinct-1
+            per_label = generation.get(key, {})
+            grouped: dict[str, list] = {}
+            for u, v in per_label.items():
+                grouped.setdefault(groups.get(u) or u, []).append(v)  # <generic>, <reference> stand alone
+            metrics["generation"][f"{key}_per_group"] = {g: sum(v) / len(v) for g, v in grouped.items()}
     metrics["run"] = str(run_dir)
     metrics["data"] = str(data) if not isinstance(data, list) else "<records>"
     metrics["wall_s"] = time.time() - t0

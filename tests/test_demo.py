@@ -52,6 +52,9 @@ def test_demo_wiring_tiny(tmp_path, capsys):
     assert (comp / "plots" / "accuracy_per_user.png").exists()
     c = json.loads((comp / "comparison.json").read_text())
     assert {r["label"] for r in c["runs"]} == set(STAGE_DIRS)
+    deg = c["response_tokens_and_distinct_by_group"]
+    assert set(deg) >= {"pdpo", "dpo_vanilla", "ppo"} and {"majority", "minority", "<generic>"} <= set(deg["ppo"])
+    assert "distinct-1" in report
     print_summary(result, out)
     printed = capsys.readouterr().out
     assert "minority" in printed and "Report:" in printed
