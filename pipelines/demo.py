@@ -113,6 +113,13 @@ def print_summary(result: dict, out: Path) -> None:
         print(f"{'run':<16}" + "".join(f"{c:>14}" for c in cols))
         for run, vals in comp["response_words_by_group"].items():
             print(f"{run:<16}" + "".join(f"{_f(vals.get(c), 1):>14}" for c in cols))
+    if comp.get("response_tokens_and_distinct_by_group"):
+        deg = comp["response_tokens_and_distinct_by_group"]
+        print("\nTokens per response / distinct-token share (a run of one token is one 'word': this shows it)")
+        cols = sorted({c for v in deg.values() for c in v})
+        print(f"{'run':<16}" + "".join(f"{c:>14}" for c in cols))
+        for run, vals in deg.items():
+            print(f"{run:<16}" + "".join(f"{vals.get(c, '-'):>14}" for c in cols))
     print("\nStage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"\nReport: {out / 'compare' / 'report.md'}")
 
