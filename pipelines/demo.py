@@ -35,12 +35,14 @@ STAGES = [
                                                              "train.max_steps=30"]),
 ]
 
-FAST = {  # --fast: the same pipeline, fewer steps and a smaller held-out set (weaker effect allowed)
+FAST = {  # --fast: the same pipeline, fewer steps and a smaller held-out set (weaker effect allowed). The reference
+    # log-probs of P-DPO are computed for every training record, so --fast keeps only the 96 its 12 steps can see.
     "train_sft": ["train.max_steps=12", "data.max_eval_records=50", "eval.n_generation_prompts=4"],
     "train_rm": ["train.max_steps=12", "data.max_eval_records=100"],
-    "train_pdpo": ["train.max_steps=12", "data.max_eval_records=100", "data.max_train_records=400",
+    "train_pdpo": ["train.max_steps=12", "data.max_eval_records=60", "data.max_train_records=96",
                    "eval.n_generation_prompts=4"],
-    "train_ppo": ["train.max_steps=3", "eval.n_generation_prompts=4", "data.max_eval_records=100"],
+    "train_ppo": ["train.max_steps=2", "ppo.rollout_batch_size=16", "eval.n_generation_prompts=4",
+                  "data.max_eval_records=60"],
 }
 
 
