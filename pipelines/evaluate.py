@@ -44,6 +44,15 @@ def _generation_users(records, vocab: UserVocab, limit: int) -> dict[str, int]:
     return {**{u: vocab.index(u) for u in users}, "<generic>": 0}
 
 
+def _mean_by_group(per_label: dict[str, float], groups: dict[str, str | None]) -> dict[str, float]:
+    """Mean of a per-label generation statistic over each group's users; a label without a group (<generic>,
+    <reference>, a user without one) stands alone under its own name."""
+    grouped: dict[str, list[float]] = {}
+    for label, value in per_label.items():
+        grouped.setdefault(groups.get(label) or label, []).append(value)
+    return {g: sum(v) / len(v) for g, v in grouped.items()}
+
+
 def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path | None = None,
                  overrides: list[str] | None = None, tracker: Tracker | None = None) -> dict:
     run_dir = Path(run_dir)
@@ -94,17 +103,10 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
     if generation is not None:
         metrics["generation"] = generation
         groups = {u: v["group"] for u, v in metrics["per_user"].items()}
-        by_group: dict[str, list] = {}
-        for u, w in words.items():
-            if groups.get(u) is not None:
-                by_group.setdefault(groups[u], []).append(w)
-        metrics["generation"]["per_group"] = {g: sum(v) / len(v) for g, v in by_group.items()}
-        for key in ("response_tokens", "distinct_token_share"):  # the same group means, for tokens and distinct-1
-            per_label = generation.get(key, {})
-            grouped: dict[str, list] = {}
-            for u, v in per_label.items():
-                grouped.setdefault(groups.get(u) or u, []).append(v)  # <generic>, <reference> stand alone
-            metrics["generation"][f"{key}_per_group"] = {g: sum(v) / len(v) for g, v in grouped.items()}
+        words_by_group = _mean_by_group(words, groups)
+        metrics["generation"]["per_group"] = {g: v for g, v in words_by_group.items() if g in groups.values()}
+        for key in ("response_tokens", "distinct_token_share"):
+            metrics["generation"][f"{key}_per_group"] = _mean_by_group(generation.get(key, {}), groups)
     metrics["run"] = str(run_dir)
     metrics["data"] = str(data) if not isinstance(data, list) else "<records>"
     metrics["wall_s"] = time.time() - t0

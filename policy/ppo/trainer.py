@@ -3,14 +3,15 @@
 One iteration (`train.max_steps` of them):
 
 1. sample `ppo.rollout_batch_size` (prompt, user) pairs: prompts uniformly from the distinct training prompts,
-   users uniformly from the RM's seen users (or, with `ppo.user_sampling=cycle`, in turn), and a `ppo.generic_user_share` of the batch as the generic user 0;
+   users uniformly from the RM's seen users (or, with `ppo.user_sampling=cycle`, in turn), and a
+   `ppo.generic_user_share` of the batch as the generic user 0;
    a pure function of (seed, iteration), so a resumed run draws exactly what an uninterrupted one would;
 2. generate one response per pair with the actor (user prefix, left-padded batch, KV cache, sampling config);
 3. score each response with the frozen RM *for the user it was generated for*; standardise per user (running
    mean of that user's scores; `ppo.reward_baseline`), clip, and subtract `ppo.missing_eos_penalty` where the
    response has no EOS;
 4. reference log-probs (adapters off, no prefix), old log-probs and values (one forward when the critic shares
-   the actor's backbone);
+   the actor's backbone; no values with RLOO);
 5. per-token rewards -kl_coef * (log pi - log pi_ref), the score added at the last response token; GAE; whitened
    advantages (or, with `ppo.advantage_estimator=rloo`, the critic-free leave-one-out advantage of each sample's
    KL-penalised sequence reward within its (prompt, user) group);
@@ -159,6 +160,11 @@ class PPOTrainer:
         return self.ppo.minibatch_size // world
 
     @property
+    def uses_critic(self) -> bool:
+        """GAE needs the critic's values; the critic-free RLOO estimator never runs or trains it."""
+        return self.ppo.advantage_estimator == "gae"
+
+    @property
     def zero_stage(self) -> int:
         return int(self.engine.zero_optimization_stage()) if self.engine is not None else 0
 
@@ -200,11 +206,14 @@ class PPOTrainer:
         """Positions start .. start+n-1 of an endless walk through the seen users, each pass in its own random
         order (seeded by the pass): every user appears once per pass, and the walk is a pure function of the seed."""
         n_users = len(self.users)
+        orders: dict[int, list[int]] = {}  # one permutation per pass touched, not one per position
         out = []
         for pos in range(start, start + n):
             p, r = divmod(pos, n_users)
-            g = torch.Generator().manual_seed(self._seed(p, _STREAM_USER_CYCLE))
-            out.append(int(torch.randperm(n_users, generator=g)[r]))
+            if p not in orders:
+                g = torch.Generator().manual_seed(self._seed(p, _STREAM_USER_CYCLE))
+                orders[p] = torch.randperm(n_users, generator=g).tolist()
+            out.append(orders[p][r])
         return out
 
     # ------------------------------------------------------------------------------------------ 3. scores
@@ -277,7 +286,8 @@ class PPOTrainer:
             batch = ro.batch(idx, self.pad_id, self.device)
             hidden, inputs = self.actor.hidden(batch)
             lp, mask, _ = self.actor.token_logps(hidden, inputs, width)
-            values.append(self.critic.values(batch, width, hidden, inputs).cpu())
+            values.append(self.critic.values(batch, width, hidden, inputs).cpu() if self.uses_critic
+                          else torch.zeros(lp.shape))
             logps.append(lp.float().cpu())
             masks.append(mask.cpu())
             ref_logps.append(self.reference.token_logps(batch, width).float().cpu())
@@ -289,7 +299,7 @@ class PPOTrainer:
             k = p.samples_per_prompt
             ro.advantages = rloo_advantages(scores, ro.kl, ro.mask, self.kl_ctl.value,
                                             [i // k for i in range(len(ro))])
-            ro.returns = ro.values.clone()  # no value targets: the critic is not trained
+            ro.returns = ro.values  # zeros: no critic is run or trained
         else:
             ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, ro.mask, p.gamma, p.lam)
         if p.whiten_advantages:
@@ -328,12 +338,16 @@ class PPOTrainer:
                 mask = ro.mask[idx].to(self.device)
                 hidden, inputs = self.actor.hidden(batch)
                 logp, _, entropy = self.actor.token_logps(hidden, inputs, ro.width, with_entropy=True)
-                values = self.critic.values(batch, ro.width, hidden, inputs)
                 pg_loss, clipfrac, approx_kl = clipped_policy_loss(
                     logp, ro.logps[idx].to(self.device), ro.advantages[idx].to(self.device), mask, p.clip_range)
-                vf_loss, vf_clipfrac = clipped_value_loss(
-                    values, ro.values[idx].to(self.device), ro.returns[idx].to(self.device), mask, p.clip_range_value)
-                loss = pg_loss + p.vf_coef * vf_loss if p.advantage_estimator == "gae" else pg_loss
+                if self.uses_critic:
+                    values = self.critic.values(batch, ro.width, hidden, inputs)
+                    vf_loss, vf_clipfrac = clipped_value_loss(values, ro.values[idx].to(self.device),
+                                                              ro.returns[idx].to(self.device), mask, p.clip_range_value)
+                    loss = pg_loss + p.vf_coef * vf_loss
+                else:
+                    vf_loss = vf_clipfrac = torch.zeros((), device=self.device)
+                    loss = pg_loss
                 if not torch.isfinite(loss):
                     raise TrainingError(f"PPO loss is {loss.item()} at iteration {iteration + 1} (epoch {epoch + 1}); "
                                         "stopping without writing a checkpoint. Lower train.lr or check the RM.")
