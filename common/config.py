@@ -91,6 +91,9 @@ class LossConfig:
         "exact", "exact: both terms every pair; stochastic: per pair the generic user with prob. 1 - alpha "
         "(one pass per pair, same expected loss)")
     label_smoothing: float = _f(0.0, "conservative DPO / BT label smoothing")
+    nll_weight: float = _f(0.0, "P-DPO: weight of the per-token NLL of the chosen answer, added to each term with "
+                           "that term's user (RPO; TRL's rpo_alpha). Keeps a user's own chosen answers likely, "
+                           "so that the user prefix cannot win the DPO margin by making every answer unlikely")
     center_rewards_coef: float = _f(0.0, "RM: penalty on (r_w + r_l)^2 keeping rewards centred")
 
 
@@ -373,6 +376,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= loss.alpha <= 1.0, "loss.alpha", f"must be in [0, 1], got {loss.alpha}")
     need(loss.beta > 0, "loss.beta", f"must be > 0, got {loss.beta}")
     need(0.0 <= loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
+    need(loss.nll_weight >= 0.0, "loss.nll_weight", "must be >= 0")
     need(tr.max_steps > 0, "train.max_steps", "must be > 0")
     need(tr.batch_size > 0, "train.batch_size", "must be > 0")
     need(tr.grad_accum > 0, "train.grad_accum", "must be > 0")

@@ -67,6 +67,7 @@ class PersonalizedDPOTrainer:
         batch = collate_pairs(chunk, self.pad_id)
         users = drop_to_generic(batch["user_idx"][:B], cfg.user_model.dropout_to_generic, g)
         ref_w, ref_l = self.ref_chosen[idx].to(self.device), self.ref_rejected[idx].to(self.device)
+        nll = dict(nll_weight=lc.nll_weight, chosen_tokens=(batch["labels"][:B] != -100).sum(1).to(self.device))
         alpha = lc.alpha
         if self.policy.user_model.kind == "uniform":
             alpha = 1.0  # every user is the generic user: both terms are the same loss, compute it once
@@ -74,20 +75,21 @@ class PersonalizedDPOTrainer:
             users = torch.where(stochastic_generic_mask(B, alpha, g), torch.zeros_like(users), users)
             batch["user_idx"] = users.repeat(2)
             lp = self.policy.sequence_logps(_to(batch, self.device))
-            loss, stats = stochastic_dpo_loss(lp[:B], lp[B:], ref_w, ref_l, lc.beta, lc.loss_type, lc.label_smoothing)
+            loss, stats = stochastic_dpo_loss(lp[:B], lp[B:], ref_w, ref_l, lc.beta, lc.loss_type, lc.label_smoothing,
+                                              **nll)
             n_rows = 2 * B
         elif alpha >= 1.0 or alpha <= 0.0:
             batch["user_idx"] = (users if alpha >= 1.0 else torch.zeros_like(users)).repeat(2)
             lp = self.policy.sequence_logps(_to(batch, self.device))
             loss, stats = personalized_dpo_loss(lp[:B], lp[B:], None, None, ref_w, ref_l, 1.0, lc.beta,
-                                                lc.loss_type, lc.label_smoothing)
+                                                lc.loss_type, lc.label_smoothing, **nll)
             n_rows = 2 * B
         else:
             batch["user_idx"] = users.repeat(2)
             both = concat_batches(batch, {**batch, "user_idx": torch.zeros_like(batch["user_idx"])}, self.pad_id)
             lp = self.policy.sequence_logps(_to(both, self.device))  # [user w, user l, generic w, generic l]
             loss, stats = personalized_dpo_loss(lp[:B], lp[B:2 * B], lp[2 * B:3 * B], lp[3 * B:], ref_w, ref_l,
-                                                alpha, lc.beta, lc.loss_type, lc.label_smoothing)
+                                                alpha, lc.beta, lc.loss_type, lc.label_smoothing, **nll)
             n_rows = 4 * B
         stats["tokens"] = int(batch["attention_mask"].sum()) * n_rows // (2 * B)
         return loss, stats

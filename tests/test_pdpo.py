@@ -32,6 +32,24 @@ def test_pdpo_loss_hand_computation():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_chosen_nll_term_hand_computation():
+    uw, ul = torch.tensor([-3.0, -6.0]), torch.tensor([-4.0, -4.0])
+    gw, gl = torch.tensor([-4.0, -9.0]), torch.tensor([-3.5, -4.5])
+    rw, rl = torch.tensor([-3.2, -5.1]), torch.tensor([-3.9, -4.2])
+    n_tok = torch.tensor([2, 3])
+    alpha, beta, w = 0.4, 0.5, 0.7
+    base, _ = personalized_dpo_loss(uw, ul, gw, gl, rw, rl, alpha, beta)
+    loss, stats = personalized_dpo_loss(uw, ul, gw, gl, rw, rl, alpha, beta, nll_weight=w, chosen_tokens=n_tok)
+    nll_user = (3.0 / 2 + 6.0 / 3) / 2  # per-token NLL of each chosen answer, averaged over pairs
+    nll_gen = (4.0 / 2 + 9.0 / 3) / 2
+    assert loss.item() == pytest.approx(base.item() + w * (alpha * nll_user + (1 - alpha) * nll_gen), rel=1e-6)
+    assert stats["nll/user"].item() == pytest.approx(nll_user)
+    mixed, _ = stochastic_dpo_loss(uw, ul, rw, rl, beta, nll_weight=w, chosen_tokens=n_tok)
+    assert mixed.item() == pytest.approx(stochastic_dpo_loss(uw, ul, rw, rl, beta)[0].item() + w * nll_user)
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        personalized_dpo_loss(uw, ul, gw, gl, rw, rl, alpha, beta, nll_weight=w)
+
+
 def test_alpha_one_and_zero_reduce_to_single_terms():
     t = [torch.randn(5) for _ in range(6)]
     one, _ = personalized_dpo_loss(*t, alpha=1.0, beta=0.1)
@@ -173,6 +191,37 @@ def test_stochastic_estimator_trains(tmp_path, toy_data):
     m = run(load_config(None, tiny_overrides(tmp_path, train, evals, **{"loss.estimator": "stochastic",
                                                                          "eval.n_generation_prompts": 0})))
     assert m["eval"]["overall"]["n"] == 8
+
+
+def test_chosen_nll_keeps_chosen_answers_likelier_than_plain_dpo(tmp_path, toy_data):
+    """The same run with and without loss.nll_weight: the NLL term must raise log pi(y_w | x, u) of the users' own
+    chosen answers (what plain DPO is free to lower while it widens the margin)."""
+    from pipelines.train_pdpo import run
+    from policy.scoring import pair_logps
+    from tests.conftest import tiny_overrides
+
+    train, evals = toy_data
+    chosen = {}
+    for w in (0.0, 1.0):
+        over = tiny_overrides(tmp_path / str(w), train, evals, **{"loss.nll_weight": w, "train.max_steps": 20,
+                                                                  "eval.n_generation_prompts": 0})
+        cfg = load_config(None, over)
+        out = run(cfg)
+        assert out["eval"]["overall"]["n"] == 8
+        policy, encoder, pairs = _trained_policy(cfg, tmp_path / str(w) / "run", train)
+        lp_w, _ = pair_logps(policy, pairs, encoder.tok.pad_token_id, 8, torch.device("cpu"))
+        chosen[w] = lp_w.mean().item()
+    assert chosen[1.0] > chosen[0.0]
+
+
+def _trained_policy(cfg, run_dir, train_path):
+    from common.batching import PairEncoder
+    from common.run import load_backbone_from_run
+    from preference_data import load_records
+
+    cfg, backbone, tok, vocab, _ = load_backbone_from_run(run_dir, torch.device("cpu"))
+    encoder = PairEncoder.from_config(tok, cfg)
+    return PersonalizedPolicy(backbone), encoder, encoder.encode_all(load_records(train_path), vocab)
 
 
 def test_evaluate_cli_scores_any_file_with_a_finished_run(tmp_path, toy_data):
