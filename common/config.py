@@ -139,6 +139,9 @@ class PPOConfig:
         "through a fresh random order of all seen users, batch after batch, so that every user gets the same number "
         "of samples within one pass; a small group is never left out of a batch by chance)")
     max_new_tokens: int = _f(48, "generation length limit")
+    min_new_tokens: int = _f(1, "EOS is masked until a response has this many tokens (as OpenRLHF's generate). An "
+                             "RM trained on real short and long answers scores an empty answer as the shortest of "
+                             "all: with 0, a user who prefers short answers learns to say nothing")
     temperature: float = _f(1.0, "sampling temperature")
     top_k: int = _f(0, "top-k sampling (0: off)")
     top_p: float = _f(1.0, "nucleus sampling")
@@ -394,6 +397,7 @@ def validate(cfg: Config) -> None:
     need(ppo.minibatch_size > 0 and ppo.rollout_batch_size % ppo.minibatch_size == 0, "ppo.minibatch_size",
          "must be > 0 and divide ppo.rollout_batch_size")
     need(ppo.max_new_tokens > 0, "ppo.max_new_tokens", "must be > 0")
+    need(0 <= ppo.min_new_tokens <= ppo.max_new_tokens, "ppo.min_new_tokens", "must be in [0, ppo.max_new_tokens]")
     need(ppo.samples_per_prompt >= 1 and ppo.rollout_batch_size % ppo.samples_per_prompt == 0,
          "ppo.samples_per_prompt", "must be >= 1 and divide ppo.rollout_batch_size")
     need(ppo.reward_baseline != "group" or ppo.samples_per_prompt >= 2, "ppo.reward_baseline",

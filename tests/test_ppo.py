@@ -257,6 +257,32 @@ def test_reward_scores_each_sample_for_its_user(rm_run):
     assert not torch.allclose(reward.score(prompts[:1], responses[:1], ["a"], ended=[False]), r_ab[:1])
 
 
+def test_min_new_tokens_keeps_rollouts_from_ending_empty(tmp_path):
+    """A policy that wants to stop at once (EOS logit pushed up by 100) writes an empty answer unless
+    ppo.min_new_tokens masks EOS for the first tokens."""
+    cfg = _tiny_cfg(tmp_path)
+    modules, actor, _, _, tok = build_roles(cfg, 2, CPU)
+    eos = tok.eos_token_id
+    lm_head = actor.backbone.base_lm.get_output_embeddings()
+
+    def push_eos(module, inputs, out):
+        out = out.clone()
+        out[..., eos] += 100.0
+        return out
+
+    hook = lm_head.register_forward_hook(push_eos)
+    try:
+        prompts, users = [[10, 11, 12, 13], [14, 15]], torch.tensor([1, 2])
+        kw = dict(pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0)
+        assert actor.generate(prompts, users, None, min_new_tokens=0, **kw) == [[eos], [eos]]
+        out = actor.generate(prompts, users, None, min_new_tokens=3, **kw)
+        assert [len(r) for r in out] == [4, 4] and all(r[-1] == eos and eos not in r[:3] for r in out)
+    finally:
+        hook.remove()
+    with pytest.raises(ConfigError, match="ppo.min_new_tokens"):
+        _tiny_cfg(tmp_path, "ppo.min_new_tokens=100", "ppo.max_new_tokens=8")
+
+
 def test_actor_logps_are_those_of_the_sampling_distribution(tmp_path):
     """Re-scoring sampled tokens gives generate's own (temperature-scaled) log-probs: the ratio PPO optimises is
     that of the distribution the rollout sampled from."""

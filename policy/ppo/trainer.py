@@ -265,7 +265,7 @@ class PPOTrainer:
         torch.manual_seed(self._rank_seed(self._seed(iteration, _STREAM_SAMPLING)))
         with self.gathered_parameters(self.actor.backbone):
             responses = self.actor.generate(prompt_ids, torch.tensor(user_idx), text_ids, self.pad_id, self.eos_id,
-                                            p.max_new_tokens, p.temperature, p.top_k, p.top_p)
+                                            p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.min_new_tokens)
         t_gen = time.time() - t0
         ended = torch.tensor([len(r) > 0 and r[-1] == self.eos_id for r in responses])
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
