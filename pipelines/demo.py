@@ -28,7 +28,7 @@ STAGES = [
     ("ppo", "train_ppo", "configs/demo/ppo.yaml", []),
     ("pdpo", "train_pdpo", "configs/demo/pdpo.yaml", []),
     # the vanilla baselines learn the majority's preference quickly: half the steps (a 60-step vanilla RM gets the
-    # minority 0.13 instead of 0.27 right, for 90 s more than the 30-minute budget has)
+    # minority 0.13-0.20 instead of 0.27 right, for 90 s more than the 30-minute budget has)
     ("rm_vanilla", "train_rm", "configs/demo/rm.yaml", ["user_model.kind=uniform", "loss.alpha=1.0",
                                                         "train.max_steps=30"]),
     ("dpo_vanilla", "train_pdpo", "configs/demo/pdpo.yaml", ["user_model.kind=uniform", "loss.alpha=1.0",
