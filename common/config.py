@@ -62,6 +62,10 @@ class DataConfig:
     max_eval_records: Optional[int] = _f(None, "use only the first N held-out records")
     sft_responses: Literal["chosen", "both"] = _f(
         "chosen", "train_sft: imitate the chosen response of every record, or both responses")
+    degenerate_negatives: float = _f(
+        0.0, "train_rm: add this share of extra training pairs (same prompt and user, chosen answer against an "
+        "empty answer or one token repeated) so that the RM ranks a broken answer below a real one for every user "
+        "and PPO cannot collect reward with one")
 
 
 @dataclass
@@ -380,6 +384,7 @@ def validate(cfg: Config) -> None:
     need(loss.beta > 0, "loss.beta", f"must be > 0, got {loss.beta}")
     need(0.0 <= loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
     need(loss.nll_weight >= 0.0, "loss.nll_weight", "must be >= 0")
+    need(0.0 <= d.degenerate_negatives <= 1.0, "data.degenerate_negatives", "must be in [0, 1]")
     need(tr.max_steps > 0, "train.max_steps", "must be > 0")
     need(tr.batch_size > 0, "train.batch_size", "must be > 0")
     need(tr.grad_accum > 0, "train.grad_accum", "must be > 0")

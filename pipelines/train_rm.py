@@ -26,6 +26,12 @@ def run(cfg: Config) -> dict:
 
     rm = PersonalizedRewardModel(backbone).to(device)
     train_pairs, eval_pairs = encode_pairs(tokenizer, cfg, data)
+    if cfg.data.degenerate_negatives:
+        from reward.degenerate import degenerate_negative_pairs
+
+        train_pairs = train_pairs + degenerate_negative_pairs(train_pairs, cfg.data.degenerate_negatives,
+                                                              tokenizer.eos_token_id, cfg.data.max_response_length,
+                                                              cfg.seed)
     tracker = Tracker(cfg, run_dir, job_type="rm")
 
     def quick_eval(step: int) -> dict:

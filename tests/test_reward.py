@@ -155,3 +155,52 @@ def test_train_rm_under_deepspeed_zero2_matches_plain_torch(tmp_path, toy_data, 
     b = load_file(str(tmp_path / "ds" / "checkpoint" / "user_model.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_degenerate_negative_pairs_keep_prompt_user_and_chosen():
+    from common.batching import EncodedPair
+    from reward.degenerate import degenerate_negative_pairs
+
+    eos = 2
+    pairs = [EncodedPair([10 + i, 11], [20 + i, 21, eos], [30, 31, 32], i % 3, []) for i in range(8)]
+    extra = degenerate_negative_pairs(pairs, 0.5, eos, max_len=5, seed=0)
+    assert len(extra) == 4
+    assert extra == degenerate_negative_pairs(pairs, 0.5, eos, max_len=5, seed=0)  # seeded
+    by_prompt = {tuple(p.prompt_ids): p for p in pairs}
+    for k, e in enumerate(extra):
+        src = by_prompt[tuple(e.prompt_ids)]
+        assert (e.chosen_ids, e.user_idx) == (src.chosen_ids, src.user_idx)
+        # the two kinds in turn: nothing, then the answer's first token repeated to the limit without EOS
+        assert e.rejected_ids == ([eos] if k % 2 == 0 else [src.chosen_ids[0]] * 5)
+    assert degenerate_negative_pairs(pairs, 0.0, eos, 5, 0) == []
+
+
+def test_rm_with_degenerate_negatives_ranks_broken_answers_last(tmp_path, toy_data):
+    """For every user, the RM trained with data.degenerate_negatives scores the empty answer and a one-token run
+    below the user's own chosen answer of held-out pairs more often than the RM trained without them."""
+    from common.batching import PairEncoder
+    from common.run import load_backbone_from_run, load_head
+    from pipelines.train_rm import run
+    from preference_data import load_records
+    from reward.degenerate import degenerate_answers
+    from tests.conftest import tiny_overrides
+
+    train, evals = toy_data
+    wins = {}
+    for share in (0.0, 1.0):
+        out = tmp_path / f"s{share}"
+        run(load_config(None, tiny_overrides(out, train, evals, **{"data.degenerate_negatives": share,
+                                                                   "train.max_steps": 30, "train.batch_size": 8,
+                                                                   "eval.n_generation_prompts": 0})))
+        cfg, backbone, tok, vocab, _ = load_backbone_from_run(out / "run", torch.device("cpu"))
+        assert cfg.data.degenerate_negatives == share
+        rm = PersonalizedRewardModel(backbone)
+        load_head(out / "run", "score", rm.score)
+        rm.eval()
+        held_out = PairEncoder.from_config(tok, cfg).encode_all(load_records(evals), vocab)
+        broken = [EncodedPair(p.prompt_ids, p.chosen_ids, bad, p.user_idx, p.text_ids) for p in held_out
+                  for bad in degenerate_answers(p.chosen_ids, tok.eos_token_id, cfg.data.max_response_length)]
+        with torch.no_grad():
+            margins = reward_margins(rm, broken, tok.pad_token_id, 16, torch.device("cpu"))
+        wins[share] = (margins > 0).float().mean().item()
+    assert wins[1.0] >= 0.9 and wins[1.0] > wins[0.0], wins

@@ -1,0 +1,37 @@
+"""Degenerate negatives for the reward model: pairs in which every user prefers a real answer to a broken one.
+
+An RM trained only on real answers has never seen an empty answer or a run of one token, and scores them by what
+they resemble: for a user who prefers short answers, "the shortest answer of all". PPO finds such strings within a
+few iterations (docs/results.md, PPO third round). These extra pairs keep the prompt and the user of a training
+record, take its chosen answer as the preferred side and a degenerate answer as the rejected side.
+"""
+
+from __future__ import annotations
+
+import random
+
+from common.batching import EncodedPair
+
+
+def degenerate_answers(chosen_ids: list[int], eos_id: int, max_len: int) -> list[list[int]]:
+    """The kinds of broken answer PPO produced on the demo: nothing (EOS at once), and one token of the answer
+    repeated to the length limit (no EOS, as a run cut by max_new_tokens)."""
+    body = [t for t in chosen_ids if t != eos_id] or [eos_id]
+    return [[eos_id], [body[0]] * max_len]
+
+
+def degenerate_negative_pairs(pairs: list[EncodedPair], share: float, eos_id: int, max_len: int,
+                              seed: int) -> list[EncodedPair]:
+    """round(share * len(pairs)) extra pairs from records drawn without replacement (seeded), cycling through the
+    kinds of `degenerate_answers`."""
+    n = round(share * len(pairs))
+    if n <= 0:
+        return []
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(pairs)), min(n, len(pairs)))
+    out = []
+    for k, i in enumerate(picked):
+        p = pairs[i]
+        kinds = degenerate_answers(p.chosen_ids, eos_id, max_len)
+        out.append(EncodedPair(p.prompt_ids, p.chosen_ids, kinds[k % len(kinds)], p.user_idx, p.text_ids))
+    return out
