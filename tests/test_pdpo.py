@@ -205,16 +205,16 @@ def test_chosen_nll_keeps_chosen_answers_likelier_than_plain_dpo(tmp_path, toy_d
     for w in (0.0, 1.0):
         over = tiny_overrides(tmp_path / str(w), train, evals, **{"loss.nll_weight": w, "train.max_steps": 20,
                                                                   "eval.n_generation_prompts": 0})
-        cfg = load_config(None, over)
-        out = run(cfg)
+        out = run(load_config(None, over))
         assert out["eval"]["overall"]["n"] == 8
-        policy, encoder, pairs = _trained_policy(cfg, tmp_path / str(w) / "run", train)
+        policy, encoder, pairs = _trained_policy(tmp_path / str(w) / "run", train)
         lp_w, _ = pair_logps(policy, pairs, encoder.tok.pad_token_id, 8, torch.device("cpu"))
         chosen[w] = lp_w.mean().item()
     assert chosen[1.0] > chosen[0.0]
 
 
-def _trained_policy(cfg, run_dir, train_path):
+def _trained_policy(run_dir, train_path):
+    """(policy, encoder, encoded training pairs) of a finished train_pdpo run."""
     from common.batching import PairEncoder
     from common.run import load_backbone_from_run
     from preference_data import load_records

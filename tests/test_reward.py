@@ -158,7 +158,6 @@ def test_train_rm_under_deepspeed_zero2_matches_plain_torch(tmp_path, toy_data, 
 
 
 def test_degenerate_negative_pairs_keep_prompt_user_and_chosen():
-    from common.batching import EncodedPair
     from reward.degenerate import degenerate_negative_pairs
 
     eos = 2
@@ -178,9 +177,8 @@ def test_degenerate_negative_pairs_keep_prompt_user_and_chosen():
 def test_rm_with_degenerate_negatives_ranks_broken_answers_last(tmp_path, toy_data):
     """For every user, the RM trained with data.degenerate_negatives scores the empty answer and a one-token run
     below the user's own chosen answer of held-out pairs more often than the RM trained without them."""
-    from common.batching import PairEncoder
-    from common.run import load_backbone_from_run, load_head
     from pipelines.train_rm import run
+    from policy.ppo.roles import load_reward_role
     from preference_data import load_records
     from reward.degenerate import degenerate_answers
     from tests.conftest import tiny_overrides
@@ -192,15 +190,13 @@ def test_rm_with_degenerate_negatives_ranks_broken_answers_last(tmp_path, toy_da
         run(load_config(None, tiny_overrides(out, train, evals, **{"data.degenerate_negatives": share,
                                                                    "train.max_steps": 30, "train.batch_size": 8,
                                                                    "eval.n_generation_prompts": 0})))
-        cfg, backbone, tok, vocab, _ = load_backbone_from_run(out / "run", torch.device("cpu"))
+        reward = load_reward_role(out / "run", "cpu")
+        cfg, tok = reward.cfg, reward.tokenizer
         assert cfg.data.degenerate_negatives == share
-        rm = PersonalizedRewardModel(backbone)
-        load_head(out / "run", "score", rm.score)
-        rm.eval()
-        held_out = PairEncoder.from_config(tok, cfg).encode_all(load_records(evals), vocab)
+        held_out = reward.encoder.encode_all(load_records(evals), reward.vocab)
         broken = [EncodedPair(p.prompt_ids, p.chosen_ids, bad, p.user_idx, p.text_ids) for p in held_out
                   for bad in degenerate_answers(p.chosen_ids, tok.eos_token_id, cfg.data.max_response_length)]
         with torch.no_grad():
-            margins = reward_margins(rm, broken, tok.pad_token_id, 16, torch.device("cpu"))
+            margins = reward_margins(reward.model, broken, tok.pad_token_id, 16, torch.device("cpu"))
         wins[share] = (margins > 0).float().mean().item()
     assert wins[1.0] >= 0.9 and wins[1.0] > wins[0.0], wins
