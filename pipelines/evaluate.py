@@ -94,7 +94,10 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
         if cfg.eval.n_generation_prompts > 0:
             prompts = list(dict.fromkeys(r.prompt for r in records))[: cfg.eval.n_generation_prompts]
             users = _generation_users(records, vocab, cfg.eval.generation_users)
-            generation = generate_per_user(policy, encoder, prompts, users, cfg.eval.max_new_tokens, pad_id, bs)
+            # a PPO policy is decoded under the EOS rule its rollouts were sampled (and its log-probs trained) with
+            min_new = cfg.ppo.min_new_tokens if route == "ppo" else 0
+            generation = generate_per_user(policy, encoder, prompts, users, cfg.eval.max_new_tokens, pad_id, bs,
+                                           min_new_tokens=min_new)
             if route == "ppo":
                 generation["rm_reward"] = _rm_rewards_of_generations(info.get("rm_run") or cfg.ppo.rm_run,
                                                                      generation, users, device)

@@ -10,13 +10,17 @@ from common.metrics import words
 @torch.no_grad()
 def generate_per_user(policy, encoder, prompts: list[str], users: dict[str, int], max_new_tokens: int,
                       pad_id: int, batch_size: int = 16, include_reference: bool = True,
-                      sample_outputs: int = 2) -> dict:
+                      sample_outputs: int = 2, min_new_tokens: int = 0) -> dict:
     """For every user (label -> index; index 0 is the generic user) and the reference policy: mean words of the
     greedy responses (`users`), mean tokens (`response_tokens`, EOS included), mean share of distinct tokens per
-    response (`distinct_token_share`), every response (`texts`) and a few examples."""
+    response (`distinct_token_share`), every response (`texts`) and a few examples.
+
+    `min_new_tokens` > 0 rules EOS out for the first tokens, as for a PPO policy whose rollouts were sampled that
+    way: its log-probs were trained on that constrained distribution, so it is the policy to decode."""
     tok = encoder.tok
     prompt_ids = [encoder.prompt_ids(p) for p in prompts]
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id)
+    gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+               eos_token_id=tok.eos_token_id)
     # every (user, prompt) row in as few batched calls as possible: the user index is a per-row tensor, so users
     # share a batch (one decoding pass over the weights serves batch_size rows instead of len(prompts))
     rows = [(label, idx, j) for label, idx in users.items() for j in range(len(prompt_ids))]

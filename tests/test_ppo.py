@@ -193,7 +193,7 @@ def test_response_index_alignment():
 
 def test_roles_logps_reference_and_values(tmp_path):
     torch.manual_seed(0)
-    cfg = _tiny_cfg(tmp_path, "ppo.temperature=1.0")
+    cfg = _tiny_cfg(tmp_path, "ppo.temperature=1.0", "ppo.min_new_tokens=0")
     modules, actor, critic, reference, tok = build_roles(cfg, 2, CPU)
     with torch.no_grad():
         modules.value_head.weight.normal_()
@@ -257,6 +257,35 @@ def test_reward_scores_each_sample_for_its_user(rm_run):
     assert not torch.allclose(reward.score(prompts[:1], responses[:1], ["a"], ended=[False]), r_ab[:1])
 
 
+def test_min_new_tokens_logps_are_those_of_the_sampler(tmp_path):
+    """With ppo.min_new_tokens=k the sampler never draws EOS among the first k tokens, so the actor's and the
+    reference's log-probs there are over the other tokens only: log p(y_t) - log(1 - p(EOS)); later tokens keep
+    the full softmax. Entropies stay finite."""
+    torch.manual_seed(0)
+    free = _tiny_cfg(tmp_path / "free", "ppo.min_new_tokens=0")
+    ruled = _tiny_cfg(tmp_path / "ruled", "ppo.min_new_tokens=2")
+    modules, actor, _, reference, tok = build_roles(free, 2, CPU)
+    _, ruled_actor, _, ruled_reference, _ = build_roles(ruled, 2, CPU)
+    ruled_actor.policy, ruled_reference.backbone = actor.policy, reference.backbone  # same weights, other rule
+    eos = tok.eos_token_id
+    batch = collate_sequences([[10, 11, 12], [13, 14]], [[20, 21, 22, eos], [23, 24, 25]], [1, 2], [[], []],
+                              tok.pad_token_id)
+    with torch.no_grad():
+        hidden, inputs = actor.hidden(batch)
+        full, mask, _ = actor.token_logps(hidden, inputs, width=4)
+        ruled_lp, _, entropy = ruled_actor.token_logps(hidden, inputs, width=4, with_entropy=True)
+        rows, cols, k = response_index(inputs.labels)
+        p_eos = torch.softmax(actor.backbone.lm_head(hidden[:, :-1][rows, cols]).float(), -1)[:, eos]
+        expected = full.clone()
+        early = k < 2
+        expected[rows[early], k[early]] -= torch.log1p(-p_eos[early])
+        assert torch.allclose(ruled_lp, expected, atol=1e-5)
+        assert torch.equal(ruled_lp[:, 2:], full[:, 2:])
+        assert torch.isfinite(entropy).all()
+        ref_full, ref_ruled = reference.token_logps(batch, 4), ruled_reference.token_logps(batch, 4)
+        assert (ref_ruled[:, :2] > ref_full[:, :2]).all() and torch.equal(ref_ruled[:, 2:], ref_full[:, 2:])
+
+
 def test_min_new_tokens_keeps_rollouts_from_ending_empty(tmp_path):
     """A policy that wants to stop at once (EOS logit pushed up by 100) writes an empty answer unless
     ppo.min_new_tokens masks EOS for the first tokens."""
@@ -284,12 +313,12 @@ def test_min_new_tokens_keeps_rollouts_from_ending_empty(tmp_path):
 
 
 def test_actor_logps_are_those_of_the_sampling_distribution(tmp_path):
-    """Re-scoring sampled tokens gives generate's own (temperature-scaled) log-probs: the ratio PPO optimises is
-    that of the distribution the rollout sampled from."""
+    """Re-scoring sampled tokens gives generate's own log-probs (temperature-scaled, EOS ruled out for the first
+    min_new_tokens): the ratio PPO optimises is that of the distribution the rollout sampled from."""
     from common.batching import pad
     from user_models import prepend_prefix
 
-    cfg = _tiny_cfg(tmp_path, "ppo.temperature=0.7")
+    cfg = _tiny_cfg(tmp_path, "ppo.temperature=0.7", "ppo.min_new_tokens=2")
     modules, actor, _, _, tok = build_roles(cfg, 2, CPU)
     with torch.no_grad():
         actor.backbone.user_model.implicit.offsets.weight[1:].normal_(0.0, 1.0)
@@ -301,7 +330,8 @@ def test_actor_logps_are_those_of_the_sampling_distribution(tmp_path):
         prefix = actor.backbone.user_model(users, embed_tokens=lm.get_input_embeddings())
         inp = prepend_prefix(prefix.embeds, prefix.mask, lm.get_input_embeddings()(ids), mask, padding_side="left")
         out = lm.generate(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask, do_sample=True,
-                          temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=5, pad_token_id=tok.pad_token_id,
+                          temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=5, min_new_tokens=2,
+                          pad_token_id=tok.pad_token_id,
                           eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_scores=True)
         sampled = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)
         sampled = sampled.gather(-1, out.sequences.unsqueeze(-1)).squeeze(-1)

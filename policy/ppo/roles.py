@@ -52,21 +52,33 @@ def _scatter(values: torch.Tensor, rows, k, batch: int, width: int) -> torch.Ten
     return out
 
 
-class _ScaledHead:
-    """lm_head(h) / temperature: log-probs of the distribution generation samples from (before top-k / top-p)."""
+class _SamplingHead:
+    """The logits generation samples from (before top-k / top-p): lm_head(h) / temperature, with EOS ruled out on
+    the first `min_new_tokens` response tokens as `generate(min_new_tokens=...)` rules it out. Log-probs, ratios,
+    KL and entropy are then those of the distribution the rollouts were drawn from; with the full softmax, every
+    sample with a negative advantage would push probability onto an EOS the sampler never draws, and greedy
+    decoding would end up answering with nothing."""
 
-    def __init__(self, head, temperature: float):
-        self.head, self.temperature = head, temperature
+    def __init__(self, head, temperature: float, eos_id: int | None = None, no_eos: torch.Tensor | None = None):
+        self.head, self.temperature, self.eos_id, self.no_eos = head, temperature, eos_id, no_eos
 
     def __call__(self, h):
         logits = self.head(h)
-        return logits if self.temperature == 1.0 else logits / self.temperature
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if self.eos_id is not None and self.no_eos is not None and bool(self.no_eos.any()):
+            # a large finite value, not -inf: softmax gives exactly 0 and the entropy's 0 * logit stays 0
+            ban = torch.zeros_like(logits, dtype=torch.bool)
+            ban[self.no_eos, self.eos_id] = True
+            logits = logits.masked_fill(ban, -1e9)
+        return logits
 
 
-def _token_logps(hidden, labels, lm_head, temperature: float, width: int, with_entropy: bool):
-    _, dense, logits, (rows, cols) = response_logps(hidden, labels, _ScaledHead(lm_head, temperature),
-                                                    return_per_token=True)
+def _token_logps(hidden, labels, lm_head, temperature: float, width: int, with_entropy: bool,
+                 eos_id: int | None = None, min_new_tokens: int = 0):
     _, _, k = response_index(labels)
+    head = _SamplingHead(lm_head, temperature, eos_id, k < min_new_tokens if min_new_tokens > 0 else None)
+    _, dense, logits, (rows, cols) = response_logps(hidden, labels, head, return_per_token=True)
     B = labels.shape[0]
     logps = _scatter(dense[rows, cols], rows, k, B, width)
     mask = _scatter(torch.ones_like(dense[rows, cols]), rows, k, B, width)
@@ -83,9 +95,11 @@ def _token_logps(hidden, labels, lm_head, temperature: float, width: int, with_e
 class Actor:
     """pi_P(y | x, u): the personalized policy with its user prefix and LoRA adapters."""
 
-    def __init__(self, policy: PersonalizedPolicy, temperature: float = 1.0):
+    def __init__(self, policy: PersonalizedPolicy, temperature: float = 1.0, eos_id: int | None = None,
+                 min_new_tokens: int = 0):
         self.policy = policy
         self.temperature = float(temperature)
+        self.eos_id, self.min_new_tokens = eos_id, int(min_new_tokens)  # the sampler's EOS rule, for log-probs
 
     @property
     def backbone(self) -> PersonalizedBackbone:
@@ -97,7 +111,8 @@ class Actor:
 
     def token_logps(self, hidden, inputs, width: int, with_entropy: bool = False):
         """(log pi(y_t | x, u, y_<t) [B, W], response mask [B, W], entropy [B, W] or None)."""
-        return _token_logps(hidden, inputs.labels, self.backbone.lm_head, self.temperature, width, with_entropy)
+        return _token_logps(hidden, inputs.labels, self.backbone.lm_head, self.temperature, width, with_entropy,
+                            self.eos_id, self.min_new_tokens)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], user_idx: torch.Tensor, texts: list[list[int]] | None,
@@ -142,15 +157,18 @@ class Critic:
 class Reference:
     """pi_SFT(y | x): the actor's backbone with adapters off and no user prefix, whatever the sample's user."""
 
-    def __init__(self, backbone: PersonalizedBackbone, temperature: float = 1.0):
+    def __init__(self, backbone: PersonalizedBackbone, temperature: float = 1.0, eos_id: int | None = None,
+                 min_new_tokens: int = 0):
         self.backbone = backbone
         self.temperature = float(temperature)
+        self.eos_id, self.min_new_tokens = eos_id, int(min_new_tokens)  # KL between the same constrained laws
 
     @torch.no_grad()
     def token_logps(self, batch: dict, width: int) -> torch.Tensor:
         with self.backbone.reference() as ref_lm:
             hidden, inputs = self.backbone.hidden_states(batch, use_prefix=False, lm=ref_lm)
-            logps, _, _ = _token_logps(hidden, inputs.labels, ref_lm.lm_head, self.temperature, width, False)
+            logps, _, _ = _token_logps(hidden, inputs.labels, ref_lm.lm_head, self.temperature, width, False,
+                                       self.eos_id, self.min_new_tokens)
         return logps
 
 
@@ -342,9 +360,10 @@ def build_roles(cfg: Config, n_users: int, device: torch.device):
         torch.manual_seed(cfg.seed + 1)
         critic_backbone, _ = build_backbone(cfg, n_users, device)
     modules = PPOModules(backbone, head, critic_backbone)
-    actor = Actor(PersonalizedPolicy(backbone), cfg.ppo.temperature)
+    sampler = dict(eos_id=tokenizer.eos_token_id, min_new_tokens=cfg.ppo.min_new_tokens)
+    actor = Actor(PersonalizedPolicy(backbone), cfg.ppo.temperature, **sampler)
     critic = Critic(head, critic_backbone)
-    reference = Reference(backbone, cfg.ppo.temperature)
+    reference = Reference(backbone, cfg.ppo.temperature, **sampler)
     return modules, actor, critic, reference, tokenizer
 
 
