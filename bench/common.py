@@ -40,6 +40,7 @@ class BenchArgs:
     peak_tflops: float | None = None
     threads: int = 0
     impls: list[str] | None = None
+    rounds: int = 1  # step benchmarks: run every impl this many times, rotating the order, and pool the steps
     # ppo_rollout
     max_new_tokens: int = 32
     sample: bool = False
@@ -106,7 +107,7 @@ def median(xs: list[float]) -> float | None:
 
 def timed_stats(times: list[float]) -> dict[str, Any]:
     return {"step_s": median(times), "step_s_min": min(times) if times else None,
-            "step_s_max": max(times) if times else None, "n_timed": len(times)}
+            "step_s_max": max(times) if times else None, "n_timed": len(times), "times": list(times)}
 
 
 def free_memory(device) -> None:

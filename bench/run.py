@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the device's dense peak for --dtype (e.g. 989 for H100 SXM bf16): adds MFU fields")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--impls", default=None, help="comma-separated subset of the impl rows to run")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="pdpo_step / rm_step: run the impls this many times, the order rotated each round (so that "
+                        "no impl always runs first or after the heaviest), and report the median of all their steps")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("ppo_rollout")
     g.add_argument("--max-new-tokens", type=int, default=32,
@@ -98,7 +101,7 @@ def args_from_cli(ns: argparse.Namespace):
         name=ns.name, model=ns.model, device=ns.device, dtype=ns.dtype, steps=ns.steps, warmup=ns.warmup,
         batch=ns.batch, prompt_len=ns.prompt_len, response_len=ns.response_len, n_users=ns.n_users,
         n_tokens=n_tokens, lr=ns.lr, peak_tflops=ns.peak_tflops, threads=ns.threads,
-        impls=list(_strs(ns.impls)) if ns.impls else None, max_new_tokens=ns.max_new_tokens, sample=ns.sample,
+        impls=list(_strs(ns.impls)) if ns.impls else None, rounds=ns.rounds, max_new_tokens=ns.max_new_tokens, sample=ns.sample,
         ppo_iteration=not ns.no_ppo_iteration, users=_ints(ns.users), dim=ns.dim, clusters=ns.clusters,
         optims=_strs(ns.optims), max_gb=ns.max_gb, bf16_fallback=not ns.no_bf16_fallback, seed=ns.seed)
 
@@ -108,8 +111,8 @@ def run_benchmark(a) -> dict:
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    if a.steps < 1 or a.warmup < 0:
-        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if a.steps < 1 or a.warmup < 0 or a.rounds < 1:
+        raise SystemExit("--steps and --rounds must be >= 1 and --warmup >= 0")
     threads = torch.get_num_threads()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -3,6 +3,7 @@
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -47,6 +48,16 @@ def test_rm_step_rows(tmp_path):
     assert all(_positive(r["step_s"]) for r in rows.values())
     assert rows["prm"]["rows_per_step"] == 8 and rows["trl_rm"]["rows_per_step"] == 4
     assert rows["prm_stochastic"]["rows_per_step"] == 4
+
+
+def test_rounds_pool_the_steps_of_every_round(tmp_path):
+    _, rows = _run(tmp_path, "rm_step", "--steps", "2", "--warmup", "1", "--batch", "2", "--impls",
+                   "trl_rm,rm", "--rounds", "2")
+    assert set(rows) == {"trl_rm", "rm"}
+    for r in rows.values():
+        assert len(r["round_step_s"]) == 2 and r["n_timed"] == len(r["times"]) == 4
+        assert r["step_s"] == pytest.approx(statistics.median(r["times"]))
+    assert rows["rm"]["vs_trl_rm"] == pytest.approx(rows["rm"]["step_s"] / rows["trl_rm"]["step_s"])
 
 
 def test_ppo_rollout_rows(tmp_path):
