@@ -143,9 +143,11 @@ class PPOConfig:
         "through a fresh random order of all seen users, batch after batch, so that every user gets the same number "
         "of samples within one pass; a small group is never left out of a batch by chance)")
     max_new_tokens: int = _f(48, "generation length limit")
-    min_new_tokens: int = _f(1, "EOS is masked until a response has this many tokens (as OpenRLHF's generate). An "
-                             "RM trained on real short and long answers scores an empty answer as the shortest of "
-                             "all: with 0, a user who prefers short answers learns to say nothing")
+    min_new_tokens: int = _f(1, "EOS is ruled out until a response has this many tokens (as OpenRLHF's generate), in "
+                             "sampling, in the actor's and reference's log-probs (so ratios and KL are those of the "
+                             "distribution sampled) and in evaluate's greedy decoding of the PPO policy. An RM trained "
+                             "on real short and long answers scores an empty answer as the shortest of all: with 0, "
+                             "a user who prefers short answers learns to say nothing")
     temperature: float = _f(1.0, "sampling temperature")
     top_k: int = _f(0, "top-k sampling (0: off)")
     top_p: float = _f(1.0, "nucleus sampling")
