@@ -23,7 +23,11 @@ def generate_per_user(policy, encoder, prompts: list[str], users: dict[str, int]
                eos_token_id=tok.eos_token_id)
     # every (user, prompt) row in as few batched calls as possible: the user index is a per-row tensor, so users
     # share a batch (one decoding pass over the weights serves batch_size rows instead of len(prompts))
-    rows = [(label, idx, j) for label, idx in users.items() for j in range(len(prompt_ids))]
+    # a uniform user model gives every user the same prefix (no user text is passed here), so one user's answers
+    # are every user's: decode them once (vanilla DPO's evaluation decodes 1 user instead of 11)
+    uniform = getattr(getattr(policy, "user_model", None), "kind", None) == "uniform"
+    decoded = dict(list(users.items())[:1]) if uniform else users
+    rows = [(label, idx, j) for label, idx in decoded.items() for j in range(len(prompt_ids))]
     texts: dict[str, list[str]] = {label: [""] * len(prompt_ids) for label in users}
     ids: dict[str, list[list[int]]] = {label: [[]] * len(prompt_ids) for label in users}
     for i in range(0, len(rows), batch_size):
@@ -33,6 +37,9 @@ def generate_per_user(policy, encoder, prompts: list[str], users: dict[str, int]
         for (label, _, j), o in zip(chunk, out):
             texts[label][j] = tok.decode(o, skip_special_tokens=True).strip()
             ids[label][j] = o
+    for label in users.keys() - decoded.keys():
+        first = next(iter(decoded))
+        texts[label], ids[label] = list(texts[first]), list(ids[first])
     if include_reference:
         texts["<reference>"], ids["<reference>"] = [], []
         for i in range(0, len(prompt_ids), batch_size):

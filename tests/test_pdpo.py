@@ -140,6 +140,32 @@ def test_generate_per_user_batches_users_together_with_the_same_result():
     assert all(0 < v <= 1 for v in together["distinct_token_share"].values())
 
 
+def test_generate_per_user_decodes_a_uniform_user_model_once():
+    """Every user of a uniform user model has the same prefix: one user's greedy answers are copied to the others,
+    and they are what decoding each user would give."""
+    from common.batching import PairEncoder
+    from common.config import load_config as _load
+    from policy.generation import generate_per_user
+
+    policy, tok = tiny_policy(kind="uniform")
+    encoder = PairEncoder.from_config(tok, _load(None, ["model.name=tiny-random"]))
+    calls = []
+    generate = policy.generate
+    policy.generate = lambda *a, **kw: calls.append(len(a[0])) or generate(*a, **kw)
+    users = {"<generic>": 0, "u1": 1, "u2": 2}
+    out = generate_per_user(policy, encoder, ["hello there", "why"], users, 5, tok.pad_token_id, batch_size=16,
+                            include_reference=False)
+    assert calls == [2]  # one user's two prompts, in one batch
+    policy.generate = generate
+    for label, idx in users.items():
+        own = policy.generate([encoder.prompt_ids(p) for p in ["hello there", "why"]], torch.tensor([idx, idx]),
+                              pad_id=tok.pad_token_id, max_new_tokens=5, do_sample=False,
+                              eos_token_id=tok.eos_token_id)
+        assert out["texts"][label] == out["texts"]["<generic>"]
+        assert [t["response"] for t in out["texts"][label]] == [tok.decode(o, skip_special_tokens=True).strip()
+                                                                for o in own]
+
+
 def test_generation_stats_expose_degenerate_short_answers():
     """A run of one token counts as one word; its token count and distinct-token share give it away."""
     from types import SimpleNamespace
