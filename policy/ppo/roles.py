@@ -67,10 +67,9 @@ class _SamplingHead:
         if self.temperature != 1.0:
             logits = logits / self.temperature
         if self.eos_id is not None and self.no_eos is not None and bool(self.no_eos.any()):
-            # a large finite value, not -inf: softmax gives exactly 0 and the entropy's 0 * logit stays 0
-            ban = torch.zeros_like(logits, dtype=torch.bool)
-            ban[self.no_eos, self.eos_id] = True
-            logits = logits.masked_fill(ban, -1e9)
+            # in place on the EOS column (no second [positions, vocab] tensor; the matmul's backward does not need
+            # its output); a large finite value, not -inf: softmax gives exactly 0 and the entropy's 0 * logit is 0
+            logits[:, self.eos_id].masked_fill_(self.no_eos, -1e9)
         return logits
 
 
