@@ -101,7 +101,8 @@ def args_from_cli(ns: argparse.Namespace):
         name=ns.name, model=ns.model, device=ns.device, dtype=ns.dtype, steps=ns.steps, warmup=ns.warmup,
         batch=ns.batch, prompt_len=ns.prompt_len, response_len=ns.response_len, n_users=ns.n_users,
         n_tokens=n_tokens, lr=ns.lr, peak_tflops=ns.peak_tflops, threads=ns.threads,
-        impls=list(_strs(ns.impls)) if ns.impls else None, rounds=ns.rounds, max_new_tokens=ns.max_new_tokens, sample=ns.sample,
+        impls=list(_strs(ns.impls)) if ns.impls else None, rounds=ns.rounds, max_new_tokens=ns.max_new_tokens,
+        sample=ns.sample,
         ppo_iteration=not ns.no_ppo_iteration, users=_ints(ns.users), dim=ns.dim, clusters=ns.clusters,
         optims=_strs(ns.optims), max_gb=ns.max_gb, bf16_fallback=not ns.no_bf16_fallback, seed=ns.seed)
 

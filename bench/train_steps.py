@@ -272,30 +272,29 @@ def _run_step_bench(a: BenchArgs, tag: str, baseline: str, trl_fn, ours_fn, ours
     tok, n_params = model_meta(a.model)
     pairs = synthetic_pairs(tok, _n_pairs(a), a.prompt_len, a.response_len, a.n_users, a.seed)
     impls = [i for i in (baseline, *ours_impls) if a.want(i)]
+    if not impls:
+        return []
     runs: dict[str, list[dict]] = {i: [] for i in impls}
     with run_tmpdir(tag) as tmp:
-        tmp = Path(tmp)
         for r in range(a.rounds):
-            for impl in impls[r % len(impls):] + impls[:r % len(impls)] if impls else []:
-                out = tmp / f"round{r}"
+            shift = r % len(impls)
+            for impl in impls[shift:] + impls[:shift]:
+                out = Path(tmp) / f"round{r}"
                 runs[impl].append(trl_fn(a, pairs, out, n_params) if impl == baseline
                                   else ours_fn(impl, a, pairs, out, n_params))
-    rows = [_pool_rounds(runs[i], a) for i in impls]
+    rows = [_pool_rounds(runs[i], n_params, a) for i in impls]
     _add_ratios(rows, baseline)
     return rows
 
 
-def _pool_rounds(rounds: list[dict], a: BenchArgs) -> dict:
+def _pool_rounds(rounds: list[dict], n_params: int, a: BenchArgs) -> dict:
+    """One row from an impl's rounds: the first round's fields, timings and FLOPs rate over all their steps."""
     if len(rounds) == 1:
         return rounds[0]
     row = dict(rounds[0])
-    times = [t for r in rounds for t in r["times"]]
-    row.update(timed_stats(times))
+    row.update(timed_stats([t for r in rounds for t in r["times"]]))
+    row.update(flops_fields(n_params, row["tokens"], row["step_s"], a.peak_tflops))
     row["round_step_s"] = [r["step_s"] for r in rounds]
-    if row.get("flops") and row["step_s"]:
-        row["tflops_per_s"] = row["flops"] / row["step_s"] / 1e12
-        if a.peak_tflops:
-            row["mfu"] = row["tflops_per_s"] / a.peak_tflops
     return row
 
 

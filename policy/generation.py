@@ -37,8 +37,8 @@ def generate_per_user(policy, encoder, prompts: list[str], users: dict[str, int]
         for (label, _, j), o in zip(chunk, out):
             texts[label][j] = tok.decode(o, skip_special_tokens=True).strip()
             ids[label][j] = o
+    first = next(iter(decoded), None)
     for label in users.keys() - decoded.keys():
-        first = next(iter(decoded))
         texts[label], ids[label] = list(texts[first]), list(ids[first])
     if include_reference:
         texts["<reference>"], ids["<reference>"] = [], []
