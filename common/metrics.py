@@ -26,21 +26,24 @@ def accuracy_metrics(route: str, records: list[PreferenceRecord], vocab: UserVoc
     if len(records) != len(margins):
         raise ValueError(f"{len(records)} records but {len(margins)} margins")
     correct = (margins > 0).tolist()
+    values = margins.float().tolist()
     per_user: dict[str, list] = defaultdict(list)
     per_group: dict[str, list] = defaultdict(list)
     groups: dict[str, str | None] = {}
     has_text: dict[str, bool] = {}
-    for rec, ok in zip(records, correct):
+    for rec, ok, m in zip(records, correct, values):
         key = user_key(rec)
-        per_user[key].append(ok)
+        per_user[key].append((ok, m))
         groups.setdefault(key, rec.group)
         has_text[key] = has_text.get(key, False) or bool(rec.user_text)
         if rec.group is not None:
-            per_group[rec.group].append(ok)
+            per_group[rec.group].append((ok, m))
+    generic_pairs = (list(zip((generic_margins > 0).tolist(), generic_margins.float().tolist()))
+                     if generic_margins is not None else None)
     out = {
         "route": route,
-        "overall": _acc(correct),
-        "generic": _acc((generic_margins > 0).tolist()) if generic_margins is not None else None,
+        "overall": _acc(list(zip(correct, values))),
+        "generic": _acc(generic_pairs) if generic_pairs is not None else None,
         "per_user": {},
         "per_group": {g: _acc(v) for g, v in sorted(per_group.items())},
     }
@@ -51,24 +54,28 @@ def accuracy_metrics(route: str, records: list[PreferenceRecord], vocab: UserVoc
                                 "mean_response_words": (response_words or {}).get(key)}
     # Seen vs unseen users (unseen are scored with the generic embedding + their text, if any).
     by_seen: dict[str, list] = defaultdict(list)
-    for rec, ok in zip(records, correct):
+    for rec, ok, m in zip(records, correct, values):
         seen = rec.user_id is not None and rec.user_id in vocab
         tag = ("seen" if seen else "unseen") + ("_with_text" if rec.user_text else "_without_text")
-        by_seen[tag].append(ok)
-        by_seen["seen" if seen else "unseen"].append(ok)
+        by_seen[tag].append((ok, m))
+        by_seen["seen" if seen else "unseen"].append((ok, m))
     out["per_seen"] = {k: _acc(v) for k, v in sorted(by_seen.items())}
     if generic_margins is not None:
         gen_groups: dict[str, list] = defaultdict(list)
-        for rec, ok in zip(records, (generic_margins > 0).tolist()):
+        for rec, pair in zip(records, generic_pairs):
             if rec.group is not None:
-                gen_groups[rec.group].append(ok)
+                gen_groups[rec.group].append(pair)
         out["generic_per_group"] = {g: _acc(v) for g, v in sorted(gen_groups.items())}
     return out
 
 
-def _acc(values: list) -> dict:
-    n = len(values)
-    return {"accuracy": (sum(values) / n) if n else None, "n": n}
+def _acc(pairs: list[tuple[bool, float]]) -> dict:
+    """Accuracy of (correct, margin) pairs and their mean margin (TRL's `rewards/margins`): how sure the model is,
+    which accuracy alone hides (a user ranked right by a hair gives PPO almost nothing to learn from)."""
+    n = len(pairs)
+    if not n:
+        return {"accuracy": None, "n": 0, "mean_margin": None}
+    return {"accuracy": sum(ok for ok, _ in pairs) / n, "n": n, "mean_margin": sum(m for _, m in pairs) / n}
 
 
 def _natural(key: str):

@@ -135,18 +135,21 @@ def log_metrics(tracker: Tracker, metrics: dict) -> None:
         flat["eval/accuracy/generic"] = metrics["generic"]["accuracy"]
     for u, v in metrics["per_user"].items():
         flat[f"eval/accuracy/user/{u}"] = v["accuracy"]
+        flat[f"eval/margin/user/{u}"] = v.get("mean_margin")
         if v.get("mean_response_words") is not None:
             flat[f"eval/response_words/user/{u}"] = v["mean_response_words"]
     for g, v in metrics["per_group"].items():
         flat[f"eval/accuracy/group/{g}"] = v["accuracy"]
+        flat[f"eval/margin/group/{g}"] = v.get("mean_margin")
     gen = metrics.get("generation") or {}
     for label, w in gen.get("users", {}).items():
         flat[f"eval/response_words/user/{label}"] = w
     tracker.log(flat)
     tracker.summary(flat)
-    rows = [[u, v["accuracy"], v["n"], v["seen"], v["group"], v.get("mean_response_words")]
+    rows = [[u, v["accuracy"], v.get("mean_margin"), v["n"], v["seen"], v["group"], v.get("mean_response_words")]
             for u, v in metrics["per_user"].items()]
-    tracker.log_table("eval/per_user", ["user", "accuracy", "n", "seen", "group", "mean_response_words"], rows)
+    tracker.log_table("eval/per_user", ["user", "accuracy", "mean_margin", "n", "seen", "group",
+                                        "mean_response_words"], rows)
     tracker.log_bar("eval/per_user_accuracy_chart", [r[0] for r in rows], [r[1] or 0.0 for r in rows],
                     f"per-user accuracy ({metrics['route']})")
 
@@ -165,12 +168,15 @@ def _write(out: Path, metrics: dict, route: str, run_dir: Path) -> None:
              f"Data: `{metrics['data']}`; overall accuracy {_fmt(metrics['overall']['accuracy'])} "
              f"(n={metrics['overall']['n']}); every pair as the generic user: "
              f"{_fmt((metrics.get('generic') or {}).get('accuracy'))}.", "",
-             "| group | accuracy | n |", "|---|---|---|"]
-    lines += [f"| {g} | {_fmt(v['accuracy'])} | {v['n']} |" for g, v in metrics["per_group"].items()]
-    lines += ["", "| user | seen | group | accuracy | n | mean response words |", "|---|---|---|---|---|---|"]
+             "Mean margin: the mean reward (or implicit reward) of the chosen response minus the rejected one's.", "",
+             "| group | accuracy | mean margin | n |", "|---|---|---|---|"]
+    lines += [f"| {g} | {_fmt(v['accuracy'])} | {_fmt(v.get('mean_margin'))} | {v['n']} |"
+              for g, v in metrics["per_group"].items()]
+    lines += ["", "| user | seen | group | accuracy | mean margin | n | mean response words |",
+              "|---|---|---|---|---|---|---|"]
     for u, v in metrics["per_user"].items():
-        lines.append(f"| {u} | {v['seen']} | {v['group']} | {_fmt(v['accuracy'])} | {v['n']} | "
-                     f"{_fmt(v.get('mean_response_words'), 1)} |")
+        lines.append(f"| {u} | {v['seen']} | {v['group']} | {_fmt(v['accuracy'])} | {_fmt(v.get('mean_margin'))} | "
+                     f"{v['n']} | {_fmt(v.get('mean_response_words'), 1)} |")
     if gen:
         lines += ["", "Greedy response length (words) per user, generic user and reference:", "",
                   "| user | words |", "|---|---|"]

@@ -200,3 +200,19 @@ def test_rm_with_degenerate_negatives_ranks_broken_answers_last(tmp_path, toy_da
             margins = reward_margins(reward.model, broken, tok.pad_token_id, 16, torch.device("cpu"))
         wins[share] = (margins > 0).float().mean().item()
     assert wins[1.0] >= 0.9 and wins[1.0] > wins[0.0], wins
+
+
+def test_accuracy_metrics_report_mean_margin_per_user_and_group():
+    from common.metrics import accuracy_metrics
+    from preference_data import PreferenceRecord, UserVocab
+
+    recs = [PreferenceRecord("p", "c", "r", user_id=u, group=g)
+            for u, g in (("a", "majority"), ("a", "majority"), ("b", "minority"), (None, None))]
+    vocab = UserVocab(["a", "b"])
+    m = accuracy_metrics("rm", recs, vocab, torch.tensor([2.0, -0.5, 0.25, 1.0]),
+                         generic_margins=torch.tensor([1.0, 1.0, -3.0, 0.0]))
+    assert m["per_user"]["a"]["accuracy"] == 0.5 and m["per_user"]["a"]["mean_margin"] == pytest.approx(0.75)
+    assert m["per_group"]["minority"]["mean_margin"] == pytest.approx(0.25)
+    assert m["overall"]["mean_margin"] == pytest.approx(0.6875)
+    assert m["generic"]["accuracy"] == 0.5 and m["generic"]["mean_margin"] == pytest.approx(-0.25)
+    assert m["generic_per_group"]["minority"] == {"accuracy": 0.0, "n": 1, "mean_margin": -3.0}
