@@ -1,6 +1,6 @@
 """Degenerate negatives for the reward model: pairs in which every user prefers a real answer to a broken one.
 
-An RM trained only on real answers has never seen an empty answer or a run of one token, and scores them by what
+An RM trained only on real answers has never seen an empty answer, a loop or word salad, and scores them by what
 they resemble: for a user who prefers short answers, "the shortest answer of all". PPO finds such strings within a
 few iterations (docs/results.md, PPO third round). These extra pairs keep the prompt and the user of a training
 record, take its chosen answer as the preferred side and a degenerate answer as the rejected side.
@@ -13,11 +13,24 @@ import random
 from common.batching import EncodedPair
 
 
-def degenerate_answers(chosen_ids: list[int], eos_id: int, max_len: int) -> list[list[int]]:
-    """The kinds of broken answer PPO produced on the demo: nothing (EOS at once), and one token of the answer
-    repeated to the length limit (no EOS, as a run cut by max_new_tokens)."""
+def degenerate_answers(chosen_ids: list[int], eos_id: int, max_len: int,
+                       rng: random.Random | None = None) -> list[list[int]]:
+    """The kinds of broken answer PPO produced on the demo, built from the chosen answer itself so that only
+    fluency separates them from it:
+    nothing (EOS at once); one token of the answer repeated to the length limit (no EOS, as a run cut by
+    max_new_tokens); a two-token loop ("A.E.A.E...", "Aron Aron."); the answer's own tokens shuffled, its length
+    and its EOS kept (a short answer that is not an answer: without it the RM of a user who prefers short answers
+    ranks any short string high)."""
+    rng = rng or random.Random(0)
+    ended = bool(chosen_ids) and chosen_ids[-1] == eos_id
     body = [t for t in chosen_ids if t != eos_id] or [eos_id]
-    return [[eos_id], [body[0]] * max_len]
+    loop = (body[:2] * max_len)[:max_len]
+    shuffled = body[:]
+    for _ in range(3):  # a permutation that differs from the answer (unless every token is the same)
+        rng.shuffle(shuffled)
+        if shuffled != body:
+            break
+    return [[eos_id], [body[0]] * max_len, loop, shuffled + ([eos_id] if ended else [])]
 
 
 def degenerate_negative_pairs(pairs: list[EncodedPair], share: float, eos_id: int, max_len: int,
@@ -32,6 +45,6 @@ def degenerate_negative_pairs(pairs: list[EncodedPair], share: float, eos_id: in
     out = []
     for k, i in enumerate(picked):
         p = pairs[i]
-        kinds = degenerate_answers(p.chosen_ids, eos_id, max_len)
+        kinds = degenerate_answers(p.chosen_ids, eos_id, max_len, rng)
         out.append(EncodedPair(p.prompt_ids, p.chosen_ids, kinds[k % len(kinds)], p.user_idx, p.text_ids))
     return out

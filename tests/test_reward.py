@@ -169,8 +169,10 @@ def test_degenerate_negative_pairs_keep_prompt_user_and_chosen():
     for k, e in enumerate(extra):
         src = by_prompt[tuple(e.prompt_ids)]
         assert (e.chosen_ids, e.user_idx) == (src.chosen_ids, src.user_idx)
-        # the two kinds in turn: nothing, then the answer's first token repeated to the limit without EOS
-        assert e.rejected_ids == ([eos] if k % 2 == 0 else [src.chosen_ids[0]] * 5)
+        # the kinds in turn: nothing; the answer's first token repeated to the limit without EOS; its first two
+        # tokens looped to the limit; its own tokens in another order, EOS kept
+        a, b = src.chosen_ids[:2]
+        assert e.rejected_ids == [[eos], [a] * 5, [a, b, a, b, a], [b, a, eos]][k % 4]
     assert degenerate_negative_pairs(pairs, 0.0, eos, 5, 0) == []
 
 
