@@ -35,6 +35,7 @@ def build_comparison(runs: list[dict]) -> dict:
     table = {u: {r["label"]: r["metrics"]["per_user"].get(u, {}).get("accuracy") for r in runs} for u in users}
     groups = sorted({g for r in runs for g in r["metrics"].get("per_group", {})})
     per_group = {g: {r["label"]: r["metrics"]["per_group"].get(g, {}).get("accuracy") for r in runs} for g in groups}
+    margin = {g: {r["label"]: r["metrics"]["per_group"].get(g, {}).get("mean_margin") for r in runs} for g in groups}
     generic = {r["label"]: (r["metrics"].get("generic") or {}).get("accuracy") for r in runs}
     lengths: dict[str, dict[str, float]] = {}
     reference_words = None
@@ -70,7 +71,8 @@ def build_comparison(runs: list[dict]) -> dict:
                             "user_model_parameters": t.get("user_model_parameters"),
                             "llm_parameters": t.get("llm_parameters")}
     return {"runs": [{k: r[k] for k in ("label", "dir", "route", "user_model")} for r in runs],
-            "per_user_accuracy": table, "per_group_accuracy": per_group, "generic_accuracy": generic,
+            "per_user_accuracy": table, "per_group_accuracy": per_group, "per_group_mean_margin": margin,
+            "generic_accuracy": generic,
             "response_words": lengths, "response_words_by_group": length_by_group,
             "reference_response_words": reference_words, "response_tokens_and_distinct_by_group": degeneracy,
             "cost": cost}
@@ -109,8 +111,13 @@ def write_report(comp: dict, out: Path) -> Path:
              "## Accuracy per group (held-out pairs)", ""]
     lines += _md_table(comp["per_group_accuracy"], labels, "group")
     lines += ["", "Every pair scored as the generic user 0: " +
-              ", ".join(f"{k} {_fmt(v)}" for k, v in comp["generic_accuracy"].items()), "",
-              "## Accuracy per user", ""]
+              ", ".join(f"{k} {_fmt(v)}" for k, v in comp["generic_accuracy"].items()), ""]
+    if any(v is not None for row in comp.get("per_group_mean_margin", {}).values() for v in row.values()):
+        lines += ["Mean margin per group (chosen minus rejected: RM reward for the RM route, beta * log-ratio for "
+                  "the DPO and PPO routes, so compare within a route): how sure each model is, which accuracy "
+                  "hides.", ""]
+        lines += _md_table(comp["per_group_mean_margin"], labels, "group") + [""]
+    lines += ["## Accuracy per user", ""]
     lines += _md_table(comp["per_user_accuracy"], labels, "user")
     if comp["response_words_by_group"]:
         cols = sorted({c for v in comp["response_words_by_group"].values() for c in v})

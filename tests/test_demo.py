@@ -55,6 +55,10 @@ def test_demo_wiring_tiny(tmp_path, capsys):
     deg = c["response_tokens_and_distinct_by_group"]
     assert set(deg) >= {"pdpo", "dpo_vanilla", "ppo"} and {"majority", "minority", "<generic>"} <= set(deg["ppo"])
     assert "distinct-1" in report
+    # the mean margin per group is each run's own metrics.json number, carried over unchanged
+    rm_metrics = json.loads((out / "rm" / "metrics.json").read_text())
+    assert c["per_group_mean_margin"]["minority"]["rm"] == rm_metrics["per_group"]["minority"]["mean_margin"]
+    assert "Mean margin per group" in report
     print_summary(result, out)
     printed = capsys.readouterr().out
     assert "minority" in printed and "Report:" in printed
