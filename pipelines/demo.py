@@ -104,11 +104,15 @@ def run_demo(out: Path, fast: bool = False, model: str | None = None, extra: lis
 def print_summary(result: dict, out: Path) -> None:
     comp, timings = result["comparison"], result["timings"]
     labels = [r["label"] for r in comp["runs"]]
-    print("\nHeld-out accuracy per group (r(x,y_w,u) > r(x,y_l,u); DPO: implicit reward)")
+    print("\nHeld-out accuracy per group (r(x,y_w,u) > r(x,y_l,u); DPO: implicit reward), then the mean margin "
+          "(chosen minus rejected)")
     print(f"{'group':<12}" + "".join(f"{l:>13}" for l in labels))
     for g, vals in comp["per_group_accuracy"].items():
         print(f"{g:<12}" + "".join(f"{_f(vals.get(l)):>13}" for l in labels))
     print(f"{'generic u0':<12}" + "".join(f"{_f(comp['generic_accuracy'].get(l)):>13}" for l in labels))
+    margins = comp.get("per_group_mean_margin") or {}
+    for g, vals in margins.items():  # RM: reward units; DPO / PPO: beta * log-ratio (compare within a route)
+        print(f"{'margin ' + g[:5]:<12}" + "".join(f"{_f(vals.get(l), 2):>13}" for l in labels))
     if comp["response_words_by_group"]:
         print("\nMean greedy response length (words)")
         cols = sorted({c for v in comp["response_words_by_group"].values() for c in v})

@@ -61,4 +61,4 @@ def test_demo_wiring_tiny(tmp_path, capsys):
     assert "Mean margin per group" in report
     print_summary(result, out)
     printed = capsys.readouterr().out
-    assert "minority" in printed and "Report:" in printed
+    assert "minority" in printed and "Report:" in printed and "margin minor" in printed
