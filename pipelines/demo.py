@@ -86,8 +86,12 @@ def run_demo(out: Path, fast: bool = False, model: str | None = None, extra: lis
     print(f"[1/{total}] data: {summary['train']['records']} train / {summary['eval']['records']} held-out pairs, "
           f"{len(summary['users'])} users (minority {', '.join(summary['minority'])})", flush=True)
     for k, (name, module, cfg) in enumerate(configs, start=2):
-        what = "no user prefix" if module == "train_sft" else \
-            f"{cfg.user_model.kind} user model, alpha={cfg.loss.alpha}"
+        if module == "train_sft":
+            what = "no user prefix"
+        elif module == "train_ppo":  # no alpha: PPO's loss has no generic term (the RM's has)
+            what = f"{cfg.user_model.kind} user model, {cfg.train.max_steps} iterations against {cfg.ppo.rm_run}"
+        else:
+            what = f"{cfg.user_model.kind} user model, alpha={cfg.loss.alpha}"
         print(f"[{k}/{total}] {name}: {module} ({what})", flush=True)
         t = time.time()
         modules[module].run(cfg)
