@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true",
-                        help="smaller settings (about 7 minutes on 2 cores, weaker effect)")
+                        help="smaller settings (about 8 minutes on 2 cores, weaker effect)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--model", default=None, help="model.name for every stage (default: the configs' smollm2-135m)")
     parser.add_argument("--stages", nargs="*", help="run only these stages (sft rm ppo pdpo rm_vanilla dpo_vanilla)")
