@@ -29,8 +29,8 @@ STAGES = [
     ("pdpo", "train_pdpo", "configs/demo/pdpo.yaml", []),
     # the vanilla baselines have fewer steps than the personalized models, for the 30-minute budget. The vanilla RM
     # (one pass per pair) at 30 steps preferred the long answer on 11 of 15 held-out prompts (mean margin 0.89), at
-    # 45 on all 15 (2.28; runs/exp/rmvan45); vanilla DPO at 45 steps did worse than at 30 (0.533 against 0.733 for
-    # the majority, margins 0.10-0.13: its DPO signal is 0.4 of a clean one, the conflicting labels cancel the rest)
+    # 45 on all 15 (2.28; runs/exp/rmvan45); vanilla DPO (nll_weight 1.0 then) at 45 steps did worse than at 30
+    # (0.533 against 0.733 for the majority, margins 0.10-0.13: conflicting labels leave 0.4 of a clean signal)
     ("rm_vanilla", "train_rm", "configs/demo/rm.yaml", ["user_model.kind=uniform", "loss.alpha=1.0",
                                                         "train.max_steps=45"]),
     ("dpo_vanilla", "train_pdpo", "configs/demo/pdpo.yaml", ["user_model.kind=uniform", "loss.alpha=1.0",
