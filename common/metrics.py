@@ -25,24 +25,22 @@ def accuracy_metrics(route: str, records: list[PreferenceRecord], vocab: UserVoc
     """
     if len(records) != len(margins):
         raise ValueError(f"{len(records)} records but {len(margins)} margins")
-    correct = (margins > 0).tolist()
-    values = margins.float().tolist()
+    pairs = _judged(margins)
     per_user: dict[str, list] = defaultdict(list)
     per_group: dict[str, list] = defaultdict(list)
     groups: dict[str, str | None] = {}
     has_text: dict[str, bool] = {}
-    for rec, ok, m in zip(records, correct, values):
+    for rec, (ok, m) in zip(records, pairs):
         key = user_key(rec)
         per_user[key].append((ok, m))
         groups.setdefault(key, rec.group)
         has_text[key] = has_text.get(key, False) or bool(rec.user_text)
         if rec.group is not None:
             per_group[rec.group].append((ok, m))
-    generic_pairs = (list(zip((generic_margins > 0).tolist(), generic_margins.float().tolist()))
-                     if generic_margins is not None else None)
+    generic_pairs = _judged(generic_margins) if generic_margins is not None else None
     out = {
         "route": route,
-        "overall": _acc(list(zip(correct, values))),
+        "overall": _acc(pairs),
         "generic": _acc(generic_pairs) if generic_pairs is not None else None,
         "per_user": {},
         "per_group": {g: _acc(v) for g, v in sorted(per_group.items())},
@@ -54,7 +52,7 @@ def accuracy_metrics(route: str, records: list[PreferenceRecord], vocab: UserVoc
                                 "mean_response_words": (response_words or {}).get(key)}
     # Seen vs unseen users (unseen are scored with the generic embedding + their text, if any).
     by_seen: dict[str, list] = defaultdict(list)
-    for rec, ok, m in zip(records, correct, values):
+    for rec, (ok, m) in zip(records, pairs):
         seen = rec.user_id is not None and rec.user_id in vocab
         tag = ("seen" if seen else "unseen") + ("_with_text" if rec.user_text else "_without_text")
         by_seen[tag].append((ok, m))
@@ -67,6 +65,11 @@ def accuracy_metrics(route: str, records: list[PreferenceRecord], vocab: UserVoc
                 gen_groups[rec.group].append(pair)
         out["generic_per_group"] = {g: _acc(v) for g, v in sorted(gen_groups.items())}
     return out
+
+
+def _judged(margins: torch.Tensor) -> list[tuple[bool, float]]:
+    """(ranked right, margin) per pair; a tie (margin exactly 0) is wrong."""
+    return list(zip((margins > 0).tolist(), margins.float().tolist()))
 
 
 def _acc(pairs: list[tuple[bool, float]]) -> dict:
