@@ -13,6 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 GROUP_COLOURS = {"majority": "#4C72B0", "minority": "#DD8452", None: "#8C8C8C"}
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Write the figure as a PNG and free it (pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def per_user_accuracy(metrics: dict, path: Path, title: str) -> Path:
     users = sorted(metrics["per_user"], key=natural_key)
     acc = [metrics["per_user"][u]["accuracy"] or 0.0 for u in users]
@@ -26,11 +35,7 @@ def per_user_accuracy(metrics: dict, path: Path, title: str) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("held-out accuracy")
     ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def natural_key(label: str):
@@ -61,11 +66,7 @@ def grouped_bars(series: dict[str, dict[str, float]], path: Path, title: str, yl
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never covers a bar
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def training_curve(history: list[dict], path: Path, title: str, key: str = "loss") -> Path:
@@ -74,8 +75,19 @@ def training_curve(history: list[dict], path: Path, title: str, key: str = "loss
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
+
+
+def per_user_lines(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str,
+                   ylabel: str) -> Path:
+    """series: {user: [(x, y), ...]}, one line per user in natural order (legend only while it stays readable)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for user in sorted(series, key=natural_key):
+        pts = series[user]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=user)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path)

@@ -507,7 +507,7 @@ def _write_curve(out: Path, result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.plots import GROUP_COLOURS
+    from common.plots import GROUP_COLOURS, save_figure
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for u in users:
@@ -523,9 +523,7 @@ def _write_curve(out: Path, result: dict) -> None:
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"k-shot user adaptation ({result['route']}, {result['kind']})")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "curve.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "curve.png")
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI

@@ -103,27 +103,14 @@ def _plots(run_dir, history: list[dict]) -> None:
         return
     plots.training_curve([{"step": h["iteration"], "loss": h.get("loss", 0.0)} for h in history],
                          run_dir / "plots" / "train_loss.png", "train_ppo loss (policy + vf_coef * value)")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     for key, name, ylabel in (("reward", "ppo_reward.png", "mean RM reward"),
                               ("response_words", "ppo_words.png", "response words")):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        users = sorted({u for h in history for u in h[key]})
-        for u in users:
-            pts = [(h["iteration"], h[key][u]) for h in history if u in h[key]]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=u)
-        ax.set_xlabel("PPO iteration")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"train_ppo: {ylabel} per user")
-        if len(users) <= 12:
-            ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
-        fig.savefig(run_dir / "plots" / name, dpi=100)
-        plt.close(fig)
+        series = {}
+        for h in history:
+            for user, value in h[key].items():
+                series.setdefault(user, []).append((h["iteration"], value))
+        plots.per_user_lines(series, run_dir / "plots" / name, f"train_ppo: {ylabel} per user", "PPO iteration",
+                             ylabel)
 
 
 def main(argv=None) -> int:
