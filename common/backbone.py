@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,6 +15,15 @@ from user_models import UserModel, prepend_prefix
 from user_models.prefix import PrefixedInputs
 
 
+@contextlib.contextmanager
+def quiet_peft_wrap():
+    """PEFT (0.21) reads transformers 5's deprecated `is_gradient_checkpointing` whenever it wraps a model, which
+    prints a FutureWarning into every stage's output that no user of this code can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_finetune(causal_lm, model_cfg):
     """Wrap the causal LM per `model.finetune`: LoRA adapters (PEFT), full fine-tune, or frozen."""
     if model_cfg.finetune == "lora":
@@ -21,7 +31,8 @@ def apply_finetune(causal_lm, model_cfg):
 
         lora = LoraConfig(r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
                           target_modules=list(model_cfg.lora_target_modules), bias="none")
-        return get_peft_model(causal_lm, lora)
+        with quiet_peft_wrap():
+            return get_peft_model(causal_lm, lora)
     for p in causal_lm.parameters():
         p.requires_grad_(model_cfg.finetune == "full")
     return causal_lm

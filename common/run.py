@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from common import dist
-from common.backbone import PersonalizedBackbone, apply_finetune, init_prefix_from_vocab
+from common.backbone import PersonalizedBackbone, apply_finetune, init_prefix_from_vocab, quiet_peft_wrap
 from common.config import Config, ConfigError, dump_yaml, load_config
 from common.models import load_causal_lm, model_fingerprint
 from preference_data import DataError, UserVocab, load_records
@@ -112,7 +112,8 @@ def merge_sft_adapter(lm, sft_run: Path):
     if info["model"] != model_fingerprint(lm):
         raise ValueError(f"model.sft_run={sft_run}: trained on {info['model_name']} {info['model']}, "
                          f"not on this stage's model {model_fingerprint(lm)}")
-    peft_model = PeftModel.from_pretrained(lm, str(sft_run / "checkpoint" / "adapter"), is_trainable=False)
+    with quiet_peft_wrap():
+        peft_model = PeftModel.from_pretrained(lm, str(sft_run / "checkpoint" / "adapter"), is_trainable=False)
     return peft_model.merge_and_unload()
 
 

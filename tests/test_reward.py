@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,14 @@ def tiny_rm(kind="individual", n_users=2, **over):
                       [f"{k}={v}" for k, v in over.items()])
     backbone, tok = build_backbone(cfg, n_users, torch.device("cpu"))
     return PersonalizedRewardModel(backbone), tok, cfg
+
+
+def test_lora_wrap_prints_no_library_deprecation_warning():
+    # PEFT reads a property transformers 5 deprecated; the warning would land in every stage's output
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_rm(**{"model.finetune": "lora"})
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
 def test_bt_loss_hand_computation():
