@@ -35,7 +35,8 @@ class ModelConfig:
         "lora", "how the LLM is trained: LoRA adapters, full fine-tune, or frozen (only user model + head learn)")
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA scaling numerator")
-    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_dropout: float = _f(0.0, "LoRA dropout in RM, SFT and DPO training (PPO keeps it off: its ratios "
+                                  "compare the policy that sampled)")
     lora_target_modules: list = _f(["q_proj", "v_proj"], "module names that get LoRA adapters")
     trust_remote_code: bool = _f(False, "allow a hub model's own code to run (off unless you ask for it)")
     revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) for a hub id")

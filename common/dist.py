@@ -53,10 +53,17 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Mean of each value over the ranks (all ranks must call it with the same keys); unchanged in one process."""
     if not values or not _initialised() or world_size() == 1:
         return values
+    return {k: v / world_size() for k, v in sum_over_ranks(values).items()}
+
+
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Sum of each value over the ranks (all ranks must call it with the same keys); unchanged in one process."""
+    if not values or not _initialised() or world_size() == 1:
+        return values
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device())
     torch.distributed.all_reduce(t)
-    return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
 def gather_equal(t: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from policy.ppo.roles import (  # noqa: E402
     Actor,
     Critic,
     Reference,
+    _token_logps,
     build_roles,
     load_reward_role,
     response_index,
@@ -151,6 +152,24 @@ def test_clipped_value_loss_hand_computed():
     # token 1: V_clip = 0.7: max((1-2)^2, (0.7-2)^2) = 1.69 (clipped one larger); token 2: max(1, 1) = 1
     assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2, abs=1e-6)
     assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_whiten_split_over_ranks_equals_whiten_of_the_whole_batch():
+    # advantages 1, 2 on rank 0 and 10, 11 on rank 1: whitened per share, the 10 would turn negative
+    x = torch.tensor([[1.0, 2.0], [10.0, 11.0]])
+    mask = torch.ones_like(x)
+    whole = whiten(x.reshape(1, 4), mask.reshape(1, 4)).reshape(2, 2)
+    shares = [(x[i:i + 1], mask[i:i + 1]) for i in range(2)]
+
+    def sum_over_two_ranks(local: dict) -> dict:  # what an all-reduce returns: every share's sums added
+        stats = [{"n": float(m.sum()), "sum": float((v * m).sum()), "squares": float((v * v * m).sum())}
+                 for v, m in shares]
+        assert local in stats
+        return {k: sum(st[k] for st in stats) for k in local}
+
+    split = torch.cat([whiten(v, m, sum_over_ranks=sum_over_two_ranks) for v, m in shares])
+    assert split.allclose(whole, atol=1e-5)
+    assert split[1, 0] > 0 and whiten(x[1:], mask[1:])[0, 0] < 0
 
 
 def test_whiten_entropy_and_kl_controllers():
@@ -286,6 +305,25 @@ def test_min_new_tokens_logps_are_those_of_the_sampler(tmp_path):
         assert (ref_ruled[:, :2] > ref_full[:, :2]).all() and torch.equal(ref_ruled[:, 2:], ref_full[:, 2:])
 
 
+def test_min_new_tokens_rule_holds_in_float16():
+    # model.dtype=float16: the EOS rule's fill value must fit the dtype (-1e9 does not: fp16 ends at 65504)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 5, bias=False)
+    hidden = torch.randn(2, 6, 8)
+    labels = torch.full((2, 6), -100)
+    labels[:, 3:] = torch.tensor([1, 2, 4])
+    eos = 4
+    lp32, mask, _ = _token_logps(hidden, labels, head, 1.0, 3, False, eos_id=eos, min_new_tokens=1)
+    half_head = torch.nn.Linear(8, 5, bias=False).half()
+    half_head.weight.data.copy_(head.weight.data)
+    lp16, _, ent16 = _token_logps(hidden.half(), labels, half_head, 1.0, 3, True, eos_id=eos, min_new_tokens=1)
+    assert torch.isfinite(lp16).all() and torch.isfinite(ent16).all()
+    assert torch.allclose(lp16.float(), lp32, atol=2e-2)
+    first = head(hidden[:, 2]).float()  # position predicting the first response token
+    ruled = torch.log_softmax(first[:, :eos], -1)[:, 1]  # token 1 among the non-EOS tokens
+    assert torch.allclose(lp32[:, 0], ruled, atol=1e-5)
+
+
 def test_min_new_tokens_keeps_rollouts_from_ending_empty(tmp_path):
     """A policy that wants to stop at once (EOS logit pushed up by 100) writes an empty answer unless
     ppo.min_new_tokens masks EOS for the first tokens."""
@@ -363,14 +401,34 @@ def test_rollout_pairs_seeded_and_first_ratio_is_one(tmp_path, rm_run, ppo_data)
     assert not torch.allclose(ro.raw_scores, reward.score(prompts, ro.responses, swapped, ro.ended.tolist()))
     m = ro.mask.bool()
     assert ro.advantages[m].mean().abs() < 1e-5 and (ro.advantages[~m] == 0).all()
-    # recomputing on a minibatch in training mode reproduces the rollout's log-probs: ratio 1 at the first step
+    # recomputing on a minibatch reproduces the rollout's log-probs: ratio 1 at the first step
     idx = [5, 1]
     batch = ro.batch(idx, tok.pad_token_id, CPU)
-    modules.train()
     with torch.no_grad():
         hidden, inputs = actor.hidden(batch)
         logp, _, _ = actor.token_logps(hidden, inputs, ro.width)
     assert torch.allclose(logp, ro.logps[idx], atol=1e-5)
+
+
+def test_update_with_lora_dropout_compares_the_rollouts_own_policy(tmp_path, rm_run, ppo_data):
+    """With model.lora_dropout > 0 the update must still score the policy the rollout sampled (dropout off): with
+    no optimizer step taken, every ratio is 1, so nothing is clipped and the approximate KL is 0."""
+    from policy.ppo.trainer import PPOTrainer
+
+    cfg = load_config(None, ppo_overrides(tmp_path / "ppo", ppo_data[0], rm_run, **{"ppo.rollout_batch_size": 8,
+                                                                                     "model.lora_dropout": 0.5}))
+    vocab = UserVocab.load(rm_run / "users.json")
+    modules, actor, critic, reference, tok = build_roles(cfg, len(vocab), CPU)
+    with torch.no_grad():  # LoRA's B starts at 0, which would hide dropout on its input: a trained adapter
+        for name, param in modules.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    trainer = PPOTrainer(cfg, tmp_path / "ppo", modules, actor, critic, reference, load_reward_role(rm_run, CPU),
+                         tok, vocab, ["Tell me about tea.", "Tell me about salt."])
+    ro = trainer.rollout(0)
+    trainer._optimizer_step = lambda loss: None  # measure the ratios only: the policy stays the rollout's
+    stats = trainer.update(ro, 0)
+    assert stats["policy/clipfrac"] == 0.0 and abs(stats["policy/approx_kl"]) < 1e-9
 
 
 # ------------------------------------------------------------------------------------------------ stage

@@ -34,10 +34,23 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the real positions; padding stays 0. `shift_mean=False` only rescales."""
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           sum_over_ranks=None) -> torch.Tensor:
+    """(x - mean) / std over the real positions; padding stays 0. `shift_mean=False` only rescales.
+
+    `sum_over_ranks` ({name: local sum} -> {name: sum over every process}) makes the statistics those of the whole
+    batch when each process holds a share of it: whitened per share, the same advantage could get another sign
+    on another rank."""
     mask = mask.to(x.dtype)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if sum_over_ranks is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        s = sum_over_ranks({"n": float(mask.sum()), "sum": float((x * mask).sum()),
+                            "squares": float((x * x * mask).sum())})
+        n = max(s["n"], 1.0)
+        mean = s["sum"] / n
+        var = max(s["squares"] / n - mean * mean, 0.0) * (n / (n - 1) if n > 1 else 1.0)
+        mean, var = torch.tensor(mean, dtype=x.dtype), torch.tensor(var, dtype=x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

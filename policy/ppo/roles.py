@@ -68,8 +68,10 @@ class _SamplingHead:
             logits = logits / self.temperature
         if self.eos_id is not None and self.no_eos is not None and bool(self.no_eos.any()):
             # in place on the EOS column (no second [positions, vocab] tensor; the matmul's backward does not need
-            # its output); a large finite value, not -inf: softmax gives exactly 0 and the entropy's 0 * logit is 0
-            logits[:, self.eos_id].masked_fill_(self.no_eos, -1e9)
+            # its output); a large finite value, not -inf: softmax gives exactly 0 and the entropy's 0 * logit is 0.
+            # float16 cannot hold -1e9 (its range ends at 65504); half its lowest value leaves room for the
+            # log-softmax's shift
+            logits[:, self.eos_id].masked_fill_(self.no_eos, max(-1e9, torch.finfo(logits.dtype).min / 2))
         return logits
 
 

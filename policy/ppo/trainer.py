@@ -303,7 +303,8 @@ class PPOTrainer:
         else:
             ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, ro.mask, p.gamma, p.lam)
         if p.whiten_advantages:
-            ro.advantages = whiten(ro.advantages, ro.mask)
+            ro.advantages = whiten(ro.advantages, ro.mask,
+                                   sum_over_ranks=dist.sum_over_ranks if dist.world_size() > 1 else None)
         n_tokens = int(ro.mask.sum())
         ro.timing = {"rollout_s": time.time() - t0, "generate_s": t_gen, "response_tokens": n_tokens}
         return ro
@@ -326,7 +327,9 @@ class PPOTrainer:
 
     def update(self, ro: Rollout, iteration: int) -> dict[str, float]:
         p = self.ppo
-        self.modules.train()
+        # Dropout stays off (eval mode), as in TRL's and OpenRLHF's PPO: the ratio pi / pi_old must compare the
+        # function the old log-probs were computed with, or it is not 1 before the first step (model.lora_dropout).
+        self.modules.eval()
         sums: dict[str, float] = defaultdict(float)
         n_steps, tokens, t0 = 0, 0, time.time()
         for epoch in range(p.ppo_epochs):
