@@ -22,12 +22,21 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def _bars(ax, xs, values: list, width=0.8, **kwargs) -> None:
+    """Bars with a grey "n/a" where a value is missing (a run without that user, a user without pairs): a 0 bar
+    would read as a real 0 % or 0 words."""
+    ax.bar(xs, [float("nan") if v is None else v for v in values], width, **kwargs)
+    for x, v in zip(xs, values):
+        if v is None:
+            ax.text(x, 0, "n/a", rotation=90, fontsize=6, color="grey", ha="center", va="bottom")
+
+
 def per_user_accuracy(metrics: dict, path: Path, title: str) -> Path:
     users = sorted(metrics["per_user"], key=natural_key)
-    acc = [metrics["per_user"][u]["accuracy"] or 0.0 for u in users]
+    acc = [metrics["per_user"][u]["accuracy"] for u in users]
     colours = [GROUP_COLOURS.get(metrics["per_user"][u]["group"], "#55A868") for u in users]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(users) + 2), 3.5))
-    ax.bar(range(len(users)), acc, color=colours)
+    _bars(ax, range(len(users)), acc, color=colours)
     if metrics.get("generic") and metrics["generic"]["accuracy"] is not None:
         ax.axhline(metrics["generic"]["accuracy"], ls="--", color="k", lw=1, label="all pairs as generic user")
         ax.legend(loc="lower right", fontsize=8)
@@ -57,7 +66,7 @@ def grouped_bars(series: dict[str, dict[str, float]], path: Path, title: str, yl
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cats) * max(1, n / 2) + 2), 3.8))
     for k, (label, values) in enumerate(series.items()):
         xs = [i + (k - (n - 1) / 2) * width for i in range(len(cats))]
-        ax.bar(xs, [values.get(c) or 0.0 for c in cats], width, label=label)
+        _bars(ax, xs, [values.get(c) for c in cats], width, label=label, color=f"C{k % 10}")
     for k, (label, value) in enumerate((hlines or {}).items()):
         ax.axhline(value, ls="--", lw=1, color=f"C{(len(series) + k) % 10}", label=label)
     ax.set_xticks(range(len(cats)), cats, rotation=60, ha="right", fontsize=8)

@@ -4,6 +4,11 @@ One table and one set of plots across runs of any route: per-user and per-group 
 side by side, with their vanilla baselines), generic-user accuracy, mean response length per user (reference/SFT,
 vanilla DPO, P-DPO, PPO, generic user: the seed's Figure 3) and training cost. Writes report.md, comparison.json
 and plots/*.png.
+
+Each RUN_DIR's own metrics.json is read: a training run folder gives its end-of-training evaluation, an `evaluate`
+output folder (RUN_DIR/eval by default) that evaluation. A `train_sft` run adds its policy's response length as the
+reference. Runs are labelled by folder name, with as many parent folders as it takes to tell them apart
+(`rm/eval`, `pdpo/eval`).
 """
 
 from __future__ import annotations
@@ -17,45 +22,68 @@ from pathlib import Path
 from common import plots
 
 
-def load_run_summary(run_dir: Path) -> dict:
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Folder names, lengthened by parent folders until no two runs share a label (every table is keyed by it)."""
+    resolved = [Path(d).resolve() for d in run_dirs]
+    for d in resolved:
+        if resolved.count(d) > 1:
+            raise ValueError(f"{d} is given more than once")
+    depth = 1
+    while True:
+        labels = ["/".join(d.parts[-depth:]) for d in resolved]
+        if len(set(labels)) == len(labels):
+            return labels
+        depth += 1
+
+
+def load_run_summary(run_dir: Path, label: str | None = None) -> dict:
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.exists():
         raise FileNotFoundError(f"{run_dir}: no metrics.json (evaluate the run first)")
     metrics = json.loads(metrics_path.read_text())
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    return {"label": run_dir.name, "dir": str(run_dir), "route": metrics.get("route") or info.get("route"),
+    return {"label": label or run_dir.name, "dir": str(run_dir), "route": metrics.get("route") or info.get("route"),
             "user_model": (info.get("user_model") or {}).get("kind"), "metrics": metrics, "info": info}
 
 
+def _reference_words(r: dict) -> float | None:
+    """Mean response words of the policy every personalized one starts from: a `train_sft` run's own policy, or the
+    reference an evaluated policy run decoded next to its users."""
+    gen = r["metrics"].get("generation") or {}
+    if r["route"] == "sft":
+        return (gen.get("mean_response_words") or {}).get("<sft>")
+    return (gen.get("users") or {}).get("<reference>")
+
+
 def build_comparison(runs: list[dict]) -> dict:
+    scored = [r for r in runs if "per_user" in r["metrics"]]  # a train_sft run ranks no pairs
     users: list[str] = []
-    for r in runs:
-        users += [u for u in r["metrics"].get("per_user", {}) if u not in users]
-    table = {u: {r["label"]: r["metrics"]["per_user"].get(u, {}).get("accuracy") for r in runs} for u in users}
-    groups = sorted({g for r in runs for g in r["metrics"].get("per_group", {})})
-    per_group = {g: {r["label"]: r["metrics"]["per_group"].get(g, {}).get("accuracy") for r in runs} for g in groups}
-    margin = {g: {r["label"]: r["metrics"]["per_group"].get(g, {}).get("mean_margin") for r in runs} for g in groups}
-    generic = {r["label"]: (r["metrics"].get("generic") or {}).get("accuracy") for r in runs}
+    for r in scored:
+        users += [u for u in r["metrics"]["per_user"] if u not in users]
+    table = {u: {r["label"]: r["metrics"]["per_user"].get(u, {}).get("accuracy") for r in scored} for u in users}
+    groups = sorted({g for r in scored for g in r["metrics"].get("per_group", {})})
+    per_group = {g: {r["label"]: r["metrics"]["per_group"].get(g, {}).get("accuracy") for r in scored}
+                 for g in groups}
+    margin = {g: {r["label"]: r["metrics"]["per_group"].get(g, {}).get("mean_margin") for r in scored}
+              for g in groups}
+    generic = {r["label"]: (r["metrics"].get("generic") or {}).get("accuracy") for r in scored}
     lengths: dict[str, dict[str, float]] = {}
-    reference_words = None
-    for r in runs:
+    length_by_group: dict[str, dict[str, float]] = {}
+    for r in scored:
         gen = r["metrics"].get("generation")
         if not gen:
             continue
-        for label, words in gen["users"].items():
-            if label == "<reference>":
-                reference_words = words
-                continue
-            lengths.setdefault(r["label"], {})[label] = words
-    length_by_group = {r["label"]: r["metrics"]["generation"].get("per_group", {})
-                       for r in runs if r["metrics"].get("generation")}
-    for r in runs:
-        gen = r["metrics"].get("generation")
-        if gen and "<generic>" in gen["users"]:
-            length_by_group.setdefault(r["label"], {})["generic user"] = gen["users"]["<generic>"]
-        if gen and "<reference>" in gen["users"]:
-            length_by_group.setdefault("reference (SFT)", {})["all users"] = gen["users"]["<reference>"]
+        lengths[r["label"]] = {u: w for u, w in gen.get("users", {}).items() if u != "<reference>"}
+        length_by_group[r["label"]] = dict(gen.get("per_group", {}))
+        if "<generic>" in gen.get("users", {}):
+            length_by_group[r["label"]]["generic user"] = gen["users"]["<generic>"]
+    # Runs from different SFT policies (or decoded differently) have different references: one row each then.
+    references = {r["label"]: w for r in runs if (w := _reference_words(r)) is not None}
+    same = len({round(w, 3) for w in references.values()}) <= 1
+    reference_words = next(iter(references.values()), None) if same else None
+    for lab, w in references.items():
+        length_by_group.setdefault("reference (SFT)" if same else f"reference of {lab}", {})["all users"] = w
     degeneracy = {}  # run -> "group: tokens / distinct-1" (words alone cannot tell "." from "BBBBBBBB")
     for r in runs:
         gen = r["metrics"].get("generation") or {}
@@ -74,7 +102,8 @@ def build_comparison(runs: list[dict]) -> dict:
             "per_user_accuracy": table, "per_group_accuracy": per_group, "per_group_mean_margin": margin,
             "generic_accuracy": generic,
             "response_words": lengths, "response_words_by_group": length_by_group,
-            "reference_response_words": reference_words, "response_tokens_and_distinct_by_group": degeneracy,
+            "reference_response_words": reference_words, "reference_response_words_by_run": references,
+            "response_tokens_and_distinct_by_group": degeneracy,
             "cost": cost}
 
 
@@ -91,7 +120,7 @@ def _md_table(rows: dict[str, dict], cols: list[str], first: str, digits: int = 
 
 def write_report(comp: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    labels = [r["label"] for r in comp["runs"]]
+    labels = list(comp["generic_accuracy"])  # the runs that rank pairs (not a train_sft run)
     series_user = {lab: {u: v.get(lab) for u, v in comp["per_user_accuracy"].items()} for lab in labels}
     pngs = [plots.grouped_bars(series_user, out / "plots" / "accuracy_per_user.png",
                                "held-out accuracy per user", "accuracy", (0, 1.05))]
@@ -100,10 +129,10 @@ def write_report(comp: dict, out: Path) -> Path:
         pngs.append(plots.grouped_bars(series_group, out / "plots" / "accuracy_per_group.png",
                                        "held-out accuracy per group", "accuracy", (0, 1.05)))
     if comp["response_words"]:
-        ref = comp.get("reference_response_words")
+        refs = {row: v["all users"] for row, v in comp["response_words_by_group"].items()
+                if row.startswith("reference")}
         pngs.append(plots.grouped_bars(comp["response_words"], out / "plots" / "response_words_per_user.png",
-                                       "mean greedy response length per user", "words",
-                                       hlines={"reference (SFT)": ref} if ref is not None else None))
+                                       "mean greedy response length per user", "words", hlines=refs or None))
         pngs.append(plots.grouped_bars(comp["response_words_by_group"], out / "plots" / "response_words_per_group.png",
                                        "mean greedy response length per group", "words"))
     lines = ["# Comparison", "", "Runs: " + ", ".join(f"`{r['label']}` ({r['route']}, {r['user_model']})"
@@ -144,7 +173,8 @@ def write_report(comp: dict, out: Path) -> Path:
 
 
 def compare(run_dirs: list[str | Path], out: str | Path) -> dict:
-    comp = build_comparison([load_run_summary(Path(d)) for d in run_dirs])
+    comp = build_comparison([load_run_summary(Path(d), label)
+                             for d, label in zip(run_dirs, run_labels([Path(d) for d in run_dirs]))])
     write_report(comp, Path(out))
     return comp
 
@@ -157,7 +187,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         compare(args.runs, args.out)
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
+    except (FileNotFoundError, json.JSONDecodeError, ValueError) as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 2
     print((Path(args.out) / "report.md").read_text())

@@ -2,8 +2,8 @@
 
 On the length-conflict task (seed section 5.1: users user_4..user_6 prefer short answers, the other seven long
 ones) with SmolLM2-135M: train_sft -> train_rm -> evaluate -> train_ppo (from pi_SFT) -> evaluate -> train_pdpo
-(from pi_SFT) -> evaluate -> vanilla baselines (uniform user model, alpha = 1) for RM and DPO -> compare. Prints the time of each stage and the
-comparison table, and writes one run folder per stage plus compare/report.md under --out.
+(from pi_SFT) -> evaluate -> vanilla baselines (uniform user model, alpha = 1) for RM and DPO -> compare. Prints the
+time of each stage and the comparison table, and writes one run folder per stage plus compare/report.md under --out.
 """
 
 from __future__ import annotations
@@ -46,6 +46,17 @@ FAST = {  # --fast: the same pipeline, fewer steps and a smaller held-out set (w
     "train_ppo": ["train.max_steps=2", "ppo.rollout_batch_size=16", "eval.n_generation_prompts=4",
                   "data.max_eval_records=60"],
 }
+
+
+def parse_stages(text: str) -> list[str]:
+    """--stages: comma-separated stage names, each one of STAGES (an unknown name is an error, not a no-op)."""
+    known = [name for name, *_ in STAGES]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown stage {', '.join(map(repr, unknown)) or '(none given)'}; "
+                                         f"choose from {','.join(known)}")
+    return names
 
 
 def build_stage_configs(out: Path, fast: bool, model: str | None = None, extra: list[str] | None = None):
@@ -100,16 +111,27 @@ def run_demo(out: Path, fast: bool = False, model: str | None = None, extra: lis
     print(f"[{total}/{total}] compare", flush=True)
     t = time.time()
     order = [n for n in ("rm", "rm_vanilla", "pdpo", "dpo_vanilla", "ppo") if (out / n / "metrics.json").exists()]
-    comp = compare_mod.compare([out / n for n in order], out / "compare")
+    comp = compare_mod.compare([out / n for n in order], out / "compare") if order else None
     timings["compare"] = time.time() - t
     timings["total"] = time.time() - t0
+    (out / "compare").mkdir(parents=True, exist_ok=True)
     (out / "compare" / "timings.json").write_text(json.dumps(timings, indent=1))
     return {"comparison": comp, "timings": timings}
 
 
 def print_summary(result: dict, out: Path) -> None:
     comp, timings = result["comparison"], result["timings"]
-    labels = [r["label"] for r in comp["runs"]]
+    if comp is None:  # e.g. --stages sft: no run that ranks pairs yet
+        print("\nNo run under --out has metrics.json yet: nothing to compare.")
+    else:
+        print_tables(comp)
+    print("\nStage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    if comp is not None:
+        print(f"\nReport: {out / 'compare' / 'report.md'}")
+
+
+def print_tables(comp: dict) -> None:
+    labels = list(comp["generic_accuracy"])  # the runs that rank pairs
     print("\nHeld-out accuracy per group (r(x,y_w,u) > r(x,y_l,u); DPO: implicit reward), then the mean margin "
           "(chosen minus rejected)")
     print(f"{'group':<12}" + "".join(f"{l:>13}" for l in labels))
@@ -132,8 +154,6 @@ def print_summary(result: dict, out: Path) -> None:
         print(f"{'run':<16}" + "".join(f"{c:>14}" for c in cols))
         for run, vals in deg.items():
             print(f"{run:<16}" + "".join(f"{vals.get(c, '-'):>14}" for c in cols))
-    print("\nStage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    print(f"\nReport: {out / 'compare' / 'report.md'}")
 
 
 def _f(x, d=3):
@@ -147,7 +167,9 @@ def main(argv=None) -> int:
                         help="smaller settings (about 8 minutes on 2 cores, weaker effect)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--model", default=None, help="model.name for every stage (default: the configs' smollm2-135m)")
-    parser.add_argument("--stages", nargs="*", help="run only these stages (sft rm ppo pdpo rm_vanilla dpo_vanilla)")
+    parser.add_argument("--stages", type=parse_stages, metavar="A,B,...",
+                        help="run only these stages, comma-separated: " + ",".join(n for n, *_ in STAGES) +
+                             " (the others' folders under --out are used as they are)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="applied to every stage")
     args = parser.parse_args(argv)
     setup_logging()

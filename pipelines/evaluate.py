@@ -45,11 +45,14 @@ def _generation_users(records, vocab: UserVocab, limit: int) -> dict[str, int]:
 
 
 def _mean_by_group(per_label: dict[str, float], groups: dict[str, str | None]) -> dict[str, float]:
-    """Mean of a per-label generation statistic over each group's users; a label without a group (<generic>,
-    <reference>, a user without one) stands alone under its own name."""
+    """Mean of a per-label generation statistic over each group's users. The generic user and the reference
+    (labels in <angle brackets>) stand alone under their own names; a user without a group is left out (its own
+    number is in the per-user table), so data without groups gives the same columns for every statistic."""
     grouped: dict[str, list[float]] = {}
     for label, value in per_label.items():
-        grouped.setdefault(groups.get(label) or label, []).append(value)
+        key = groups.get(label) or (label if label.startswith("<") else None)
+        if key is not None:
+            grouped.setdefault(key, []).append(value)
     return {g: sum(v) / len(v) for g, v in grouped.items()}
 
 
@@ -106,8 +109,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
     if generation is not None:
         metrics["generation"] = generation
         groups = {u: v["group"] for u, v in metrics["per_user"].items()}
-        words_by_group = _mean_by_group(words, groups)
-        metrics["generation"]["per_group"] = {g: v for g, v in words_by_group.items() if g in groups.values()}
+        metrics["generation"]["per_group"] = {g: v for g, v in _mean_by_group(words, groups).items()
+                                              if not g.startswith("<")}
         for key in ("response_tokens", "distinct_token_share"):
             metrics["generation"][f"{key}_per_group"] = _mean_by_group(generation.get(key, {}), groups)
     metrics["run"] = str(run_dir)
