@@ -17,7 +17,7 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from preference_data.io import write_jsonl
 from preference_data.records import DataError, PreferenceRecord
@@ -94,17 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_by_prompt(records: Sequence[PreferenceRecord], fraction: float, seed: int
-                    ) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+def split_by_prompt(records: Sequence[PreferenceRecord], fraction: float, seed: int,
+                    related: Mapping[str, str] | None = None) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
     """(train, eval): a seeded `fraction` of the distinct prompts (at least 1, at most all but 1) goes to eval
-    with all of its records, so no prompt is in both."""
+    with all of its records, so no prompt is in both. `related` (an adapter's `related_prompts`: a later turn's
+    prompt -> its conversation's first message) ties prompts together: they count as one and go to one side."""
     prompts = list(dict.fromkeys(r.prompt for r in records))
-    if len(prompts) < 2:
-        raise DataError(f"cannot split by prompt: only {len(prompts)} distinct prompt(s)")
-    random.Random(seed).shuffle(prompts)
-    n_eval = min(len(prompts) - 1, max(1, round(fraction * len(prompts))))
-    held = set(prompts[:n_eval])
-    return [r for r in records if r.prompt not in held], [r for r in records if r.prompt in held]
+    root = {p: p for p in prompts}
+
+    def find(p: str) -> str:
+        while root[p] != p:
+            p = root[p]
+        return p
+
+    for later, first in (related or {}).items():
+        if later in root:
+            root.setdefault(first, first)
+            a, b = find(later), find(first)
+            if a != b:
+                root[a] = b
+    units = list(dict.fromkeys(find(p) for p in prompts))  # one per conversation; a prompt alone is its own
+    if len(units) < 2:
+        raise DataError(f"cannot split by prompt: only {len(units)} distinct prompt(s) or conversation(s)")
+    random.Random(seed).shuffle(units)
+    n_eval = min(len(units) - 1, max(1, round(fraction * len(units))))
+    held = set(units[:n_eval])
+    is_held = {p: find(p) in held for p in prompts}
+    return [r for r in records if not is_held[r.prompt]], [r for r in records if is_held[r.prompt]]
 
 
 def _describe(records: Sequence[PreferenceRecord]) -> str:
@@ -175,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"({w['n_annotations']} annotations)")
             print(f"  pairs per group: {report.extra['pairs_per_group']}")
         if args.eval_out:
-            train, held = split_by_prompt(records, args.eval_fraction, args.seed)
+            train, held = split_by_prompt(records, args.eval_fraction, args.seed, report.related_prompts)
             write_jsonl(train, args.out)
             write_jsonl(held, args.eval_out)
             print(f"wrote {args.out}: {_describe(train)}")

@@ -45,12 +45,13 @@ def _rows(source: Any) -> tuple[str, str, Iterable[tuple[int, Any]]]:
         if suffix == ".jsonl":
             return str(path), "line", _iter_jsonl(path)
         if suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                return str(path), "line", _iter_jsonl(path)  # JSON lines saved as .json
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of records (or JSON lines)")
+            text = path.read_text(encoding="utf-8")
+            if not text.lstrip().startswith("["):  # JSON lines saved as .json (one record: one line)
+                return str(path), "line", _iter_jsonl(path)
+            try:  # a list is one document: a syntax error spoils all of it, so it is raised even in skip mode
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
             return str(path), "row", ((i + 1, r) for i, r in enumerate(data))
         if suffix == ".parquet":
             import datasets

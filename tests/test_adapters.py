@@ -175,10 +175,12 @@ def test_prism_fixture():
 
 
 def test_prism_user_text_skips_missing_and_options():
-    recs, _ = ADAPTERS["prism"]([str(p) for p in PRISM], with_context=True)
+    recs, rep = ADAPTERS["prism"]([str(p) for p in PRISM], with_context=True)
     water = [r for r in recs if r.prompt.endswith("How much water per day?")][0]
     assert water.prompt == ("User: What should I pack for a three-day hike?\n\nAssistant: Pack water, layers, a "
                             "first-aid kit, a map and high-energy food.\n\nUser: How much water per day?")
+    # the later turn holds the opening turn: a train/eval split keeps the two together
+    assert rep.related_prompts[water.prompt] == "What should I pack for a three-day hike?"
     recs, _ = ADAPTERS["prism"]([str(PRISM[1])], with_user_text=False)
     assert len(recs) == 5 and all(r.user_text is None for r in recs)
     with pytest.raises(DataError, match="survey"):
@@ -335,6 +337,27 @@ def test_split_by_prompt_keeps_prompts_whole():
     assert len({r.prompt for r in held}) == 2  # round(0.3 * 7)
     assert not {r.prompt for r in train} & {r.prompt for r in held}
     assert split_by_prompt(recs, 0.3, 0) == (train, held)
+
+
+def test_split_keeps_a_conversations_turns_on_one_side():
+    # turn 2 prompts hold the turn-1 question word for word: split apart, the held-out turn would be half-seen
+    recs = []
+    for q in range(10):
+        recs.append(PreferenceRecord(f"q{q}", "a", "b", "u1"))
+        recs.append(PreferenceRecord(f"User: q{q}\n\nUser: follow-up {q}", "a", "b", "u1"))
+    related = {f"User: q{q}\n\nUser: follow-up {q}": f"q{q}" for q in range(10)}
+    for seed in range(5):
+        train, held = split_by_prompt(recs, 0.3, seed, related)
+        assert len(held) == 6  # round(0.3 * 10) conversations, both turns each
+        train_q = {r.prompt.split("\n")[0].removeprefix("User: ") for r in train}
+        assert not train_q & {r.prompt.split("\n")[0].removeprefix("User: ") for r in held}
+    # without the relation the same data is split by prompt string alone, as before
+    assert split_by_prompt(recs, 0.3, 0) == split_by_prompt(recs, 0.3, 0, {})
+
+
+def test_mtbench_turn2_prompts_are_tied_to_their_question():
+    recs, rep = ADAPTERS["mtbench-human"]([str(MTBENCH)])
+    assert rep.related_prompts == {recs[1].prompt: recs[0].prompt, recs[2].prompt: "What is 12 times 7?"}
 
 
 def test_cli_subprocess_and_errors(tmp_path):

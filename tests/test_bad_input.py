@@ -46,6 +46,18 @@ def test_skip_mode_counts(tmp_path):
     assert len(recs) == 2 and len(report.skipped) == 2 and report.n_read == 4
 
 
+def test_json_list_with_a_syntax_error_names_its_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + json.dumps(GOOD) + ",\n" + json.dumps(GOOD)[:-1] + "\n" + json.dumps(GOOD) + "\n]\n")
+    for mode in ("raise", "skip"):  # one document: no record of it can be trusted, so skip mode raises too
+        with pytest.raises(DataError, match=r"d\.json:4: malformed JSON"):
+            load_records(path, on_error=mode)
+    path.write_text(json.dumps([GOOD, GOOD], indent=2))
+    assert len(load_records(path)) == 2
+    path.write_text(json.dumps(GOOD) + "\n")  # JSON lines named .json, one record
+    assert len(load_records(path)) == 1
+
+
 def test_missing_data_file(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         load_records(tmp_path / "none.jsonl")

@@ -31,6 +31,9 @@ class AdapterReport:
     n_written: int = 0  # comparison records returned
     dropped: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # later turn's prompt -> its conversation's first user message: a train/eval split keeps them on one side, or
+    # the held-out turn 2 would hold a training prompt (turn 1) word for word
+    related_prompts: dict[str, str] = field(default_factory=dict)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n

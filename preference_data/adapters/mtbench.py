@@ -99,6 +99,8 @@ def read_mtbench_human(paths: Sequence[str], *, include_turn2: bool = True) -> t
                 prompt = format_dialogue([("user", qa[0]), ("assistant", aa[0]), ("user", qa[1])])
             else:
                 prompt = format_dialogue([("user", qa[0]), ("user", qa[1])])
+            if turn == 2:
+                report.related_prompts[prompt] = qa[0]
             reply_a, reply_b = aa[turn - 1], ab[turn - 1]
             chosen, rejected = (reply_a, reply_b) if winner == "model_a" else (reply_b, reply_a)
             if not prompt or not chosen or not rejected:

@@ -161,6 +161,8 @@ def read_prism(paths: Sequence[str], *, with_user_text: bool = True,
             if len(chosen) == 1:
                 turns = context + [("user", message)] if with_context else [("user", message)]
                 prompt = format_dialogue(turns)
+                if with_context and context:
+                    report.related_prompts[prompt] = format_dialogue(context[:1])
                 if not rejected:
                     report.drop("no_rejected")
                 for rej in rejected:
