@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -75,7 +79,8 @@ class UserModelConfig:
         "individual", "implicit user model: uniform (vanilla), individual (e_0 + o_i), cluster (V . w_i)")
     n_tokens: int = _f(4, "T_u, soft-prompt tokens of the implicit user embedding")
     n_clusters: int = _f(4, "K, cluster centres of the cluster user model")
-    init_std: float = _f(0.02, "std of the random init of offsets / cluster centres, relative to token embeddings")
+    init_std: float = _f(0.02, "std of the cluster centres' random init, relative to token embeddings "
+                               "(individual offsets start at 0: every user starts as the generic user)")
     use_text: bool = _f(False, "append the explicit user model: the LLM's own embeddings of the record's user_text")
     lr: Optional[float] = _f(None, "learning rate of the user model (default: 10 x train.lr)")
     shared_lr: Optional[float] = _f(
@@ -226,6 +231,14 @@ def iter_keys(cls=Config, prefix: str = ""):
             yield prefix + f.name, tp, default, f.metadata.get("help", "")
 
 
+def get_key(cfg: Config, key: str) -> Any:
+    """The value of a dotted key, e.g. get_key(cfg, "train.lr")."""
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def all_keys() -> list[str]:
     sections = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(_hints(Config)[f.name])]
     return [k for k, *_ in iter_keys()] + sections
@@ -308,7 +321,7 @@ def _build(cls, data: dict, source: str, prefix: str = ""):
             raise _unknown(full, source)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, source, full + ".")
+            kwargs[key] = _build(tp, {} if value is None else value, source, full + ".")  # `train:` alone: defaults
         else:
             kwargs[key] = _coerce(full, value, tp, source)
     return cls(**kwargs)
@@ -350,6 +363,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = _build(Config, tree, source)
     for text in overrides or []:
         key, value = parse_override(text)
+        if key in all_keys() and key not in [k for k, *_ in iter_keys()]:
+            raise ConfigError(f"override '{text}': '{key}' is a section; set one of its keys ({key}.KEY=value)")
         if key not in [k for k, *_ in iter_keys()]:
             raise _unknown(key, "command line")
         merged = to_dict(cfg)
@@ -375,6 +390,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' {msg}")
 
     um, loss, tr, d, ppo = cfg.user_model, cfg.loss, cfg.train, cfg.data, cfg.ppo
+    for key, *_ in iter_keys():  # YAML reads .inf and .nan as floats
+        value = get_key(cfg, key)
+        need(not isinstance(value, float) or math.isfinite(value), key, f"must be a finite number, got {value}")
+    m = cfg.model
+    need(m.lora_r > 0, "model.lora_r", f"must be > 0, got {m.lora_r}")
+    need(m.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
+    need(0.0 <= m.lora_dropout < 1.0, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}")
+    need(d.max_user_text_length >= 0, "data.max_user_text_length", "must be >= 0 (0: no user text tokens)")
+    for key in ("max_train_records", "max_eval_records"):
+        n = getattr(d, key)
+        need(n is None or n > 0, f"data.{key}", f"must be > 0 or null (all records), got {n}")
     need(um.n_tokens > 0, "user_model.n_tokens", f"(T_u) must be > 0, got {um.n_tokens}")
     need(um.n_clusters > 0, "user_model.n_clusters", f"(K) must be > 0, got {um.n_clusters}")
     need(um.init_std >= 0, "user_model.init_std", "must be >= 0")
@@ -387,6 +413,7 @@ def validate(cfg: Config) -> None:
     need(loss.beta > 0, "loss.beta", f"must be > 0, got {loss.beta}")
     need(0.0 <= loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
     need(loss.nll_weight >= 0.0, "loss.nll_weight", "must be >= 0")
+    need(loss.center_rewards_coef >= 0.0, "loss.center_rewards_coef", "must be >= 0")
     need(0.0 <= d.degenerate_negatives <= 1.0, "data.degenerate_negatives", "must be in [0, 1]")
     need(tr.max_steps > 0, "train.max_steps", "must be > 0")
     need(tr.batch_size > 0, "train.batch_size", "must be > 0")
@@ -395,6 +422,15 @@ def validate(cfg: Config) -> None:
     need(tr.save_every >= 0, "train.save_every", "must be >= 0")
     need(tr.keep_last >= 1, "train.keep_last", "must be >= 1")
     need(tr.log_every > 0, "train.log_every", "must be > 0")
+    need(tr.eval_every >= 0, "train.eval_every", "must be >= 0 (0: at the end only)")
+    need(tr.eval_batch_size > 0, "train.eval_batch_size", "must be > 0")
+    need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(tr.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0: no clipping)")
+    need(tr.num_threads >= 0, "train.num_threads", "must be >= 0 (0: torch's default)")
+    if tr.warmup_steps >= tr.max_steps > 0:
+        log.warning("train.warmup_steps=%d >= train.max_steps=%d: the learning rate never reaches train.lr",
+                    tr.warmup_steps, tr.max_steps)
     need(tr.device in ("auto", "cpu", "cuda") or tr.device.startswith("cuda:"), "train.device",
          "must be auto, cpu or cuda[:N]")
     if tr.deepspeed is not None:
@@ -402,8 +438,22 @@ def validate(cfg: Config) -> None:
     need(d.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
     need(d.max_response_length > 0, "data.max_response_length", "must be > 0")
     need(0.0 <= ppo.generic_user_share <= 1.0, "ppo.generic_user_share", "must be in [0, 1]")
+    need(ppo.rollout_batch_size > 0, "ppo.rollout_batch_size", "must be > 0")
     need(ppo.minibatch_size > 0 and ppo.rollout_batch_size % ppo.minibatch_size == 0, "ppo.minibatch_size",
          "must be > 0 and divide ppo.rollout_batch_size")
+    need(ppo.ppo_epochs > 0, "ppo.ppo_epochs", "must be > 0")
+    need(ppo.top_k >= 0, "ppo.top_k", "must be >= 0 (0: off)")
+    need(ppo.clip_range > 0 and ppo.clip_range_value > 0, "ppo.clip_range", "and ppo.clip_range_value must be > 0")
+    need(ppo.vf_coef >= 0, "ppo.vf_coef", "must be >= 0")
+    need(ppo.kl_horizon > 0, "ppo.kl_horizon", "must be > 0")
+    need(ppo.target_kl > 0, "ppo.target_kl", "must be > 0")
+    need(ppo.reward_clip > 0, "ppo.reward_clip", "must be > 0")
+    need(ppo.missing_eos_penalty is None or ppo.missing_eos_penalty >= 0, "ppo.missing_eos_penalty",
+         "must be >= 0 (it is subtracted) or null")
+    e = cfg.eval
+    need(e.n_generation_prompts >= 0, "eval.n_generation_prompts", "must be >= 0 (0: no generation)")
+    need(e.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
+    need(e.generation_users >= 0, "eval.generation_users", "must be >= 0")
     need(ppo.max_new_tokens > 0, "ppo.max_new_tokens", "must be > 0")
     need(0 <= ppo.min_new_tokens <= ppo.max_new_tokens, "ppo.min_new_tokens", "must be in [0, ppo.max_new_tokens]")
     need(ppo.samples_per_prompt >= 1 and ppo.rollout_batch_size % ppo.samples_per_prompt == 0,

@@ -32,6 +32,19 @@ def test_overrides_and_types():
     ("loss.alpha=1.5", "loss.alpha"),
     ("loss.beta=0", "loss.beta"),
     ("report_to=tensorboard", "report_to"),
+    ("data.max_train_records=-5", "data.max_train_records"),  # would have cut the last 5 records silently
+    ("data.max_user_text_length=-3", "data.max_user_text_length"),
+    ("ppo.rollout_batch_size=0", "ppo.rollout_batch_size"),
+    ("train.eval_batch_size=0", "train.eval_batch_size"),
+    ("ppo.ppo_epochs=0", "ppo.ppo_epochs"),
+    ("model.lora_r=0", "model.lora_r"),
+    ("model.lora_dropout=1.5", "model.lora_dropout"),
+    ("train.warmup_steps=-4", "train.warmup_steps"),
+    ("ppo.clip_range=-0.2", "ppo.clip_range"),
+    ("eval.generation_users=-2", "eval.generation_users"),
+    ("loss.beta=.inf", "'loss.beta' must be a finite number"),
+    ("train.lr=.nan", "'train.lr' must be a finite number"),
+    ("train=0", "'train' is a section"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -43,6 +56,15 @@ def test_unknown_key_in_file(tmp_path):
     p.write_text("train:\n  lrr: 0.1\n")
     with pytest.raises(ConfigError, match=r"c.yaml: unknown config key 'train.lrr'; did you mean 'train.lr'"):
         load_config(p)
+
+
+def test_a_section_given_a_scalar_is_refused(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: 0\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: section 'train' must be a mapping"):
+        load_config(p)
+    p.write_text("train:\n")  # an empty section keeps its defaults
+    assert load_config(p).train.max_steps == load_config(None).train.max_steps
 
 
 def test_missing_config_file(tmp_path):
