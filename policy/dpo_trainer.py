@@ -32,13 +32,23 @@ def _pairs_digest(pairs: list[EncodedPair]) -> str:
 def cached_reference_logps(policy: PersonalizedPolicy, pairs: list[EncodedPair], pad_id: int, batch_size: int,
                            device, cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi_SFT(y_w|x), log pi_SFT(y_l|x) for every pair, computed once. They depend neither on the user nor on
-    training, so they are stored beside the run (keyed by the token ids) and reused on resume. With several
+    training, so they are stored beside the run (keyed by the token ids, checked against two recomputed pairs)
+    and reused on resume. With several
     processes each computes them (every rank may draw any pair) and rank 0 stores them."""
     digest = _pairs_digest(pairs)
     if cache is not None and cache.exists():
         stored = load_file(str(cache))
         if "digest" in stored and bytes(stored["digest"].tolist()).decode() == digest:
-            return stored["chosen"], stored["rejected"]
+            # The token ids match; the reference policy must too (another pi_SFT, dtype or model with the same
+            # tokenizer would make them stale): recompute two pairs and compare.
+            probe = pairs[:2]
+            c, r = pair_logps(policy, probe, pad_id, batch_size, device, reference=True)
+            n = len(probe)
+            if (torch.allclose(c, stored["chosen"][:n], rtol=1e-3, atol=1e-3)
+                    and torch.allclose(r, stored["rejected"][:n], rtol=1e-3, atol=1e-3)):
+                return stored["chosen"], stored["rejected"]
+            log.warning("%s was computed with another reference policy (log-prob %.4f there, %.4f now): "
+                        "recomputing", cache, float(stored["chosen"][0]), float(c[0]))
     with tqdm(total=len(pairs), desc="reference log-probs", dynamic_ncols=True, disable=not dist.is_main()) as bar:
         chosen, rejected = pair_logps(policy, pairs, pad_id, batch_size, device, reference=True, progress=bar)
     if cache is not None and dist.is_main():

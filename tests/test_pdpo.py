@@ -268,3 +268,24 @@ def test_evaluate_cli_scores_any_file_with_a_finished_run(tmp_path, toy_data):
     assert m["generation"]["users"]["<generic>"] is not None
     assert (out / "plots" / "per_user_accuracy.png").exists() and (out / "report.md").exists()
     assert main(["--run", str(tmp_path / "nope"), "--data", str(evals)]) == 2
+
+
+def test_cached_reference_logps_are_recomputed_for_another_reference(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from policy.dpo_trainer import cached_reference_logps
+
+    policy, tok = tiny_policy()
+    pairs = [EncodedPair([5, 6, 7], [8, 9, 2], [10, 2], 1), EncodedPair([5, 6], [3, 2], [4, 4, 2], 2),
+             EncodedPair([7, 5], [9, 2], [3, 3, 2], 1)]
+    cache = tmp_path / "ref_logps.safetensors"
+    first = cached_reference_logps(policy, pairs, tok.pad_token_id, 2, "cpu", cache)
+    stored = load_file(str(cache))
+    stored["chosen"][2] = -123.0  # a mark only a read of the cache can return (the probe checks pairs 0 and 1)
+    save_file(stored, str(cache))
+    again = cached_reference_logps(policy, pairs, tok.pad_token_id, 2, "cpu", cache)
+    assert again[0][2] == -123.0 and torch.equal(again[0][:2], first[0][:2])
+    with torch.no_grad():  # another pi_SFT behind the same tokenizer
+        policy.backbone.lm.get_input_embeddings().weight.mul_(1.5)
+    fresh = cached_reference_logps(policy, pairs, tok.pad_token_id, 2, "cpu", cache)
+    assert fresh[0][2] != -123.0 and not torch.allclose(fresh[0], first[0])
