@@ -173,6 +173,11 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json (step, RNG states, what its writer added), without touching any weights."""
+    return json.loads((Path(path) / "state.json").read_text())
+
+
 def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     engine=None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore parameters, optimizer and RNG; returns (state.json contents, extra tensors)."""

@@ -10,6 +10,8 @@ batch and only rank 0 logs and writes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 from common import checkpoint as ckpt
 from common import dist
-from common.config import Config
+from common.config import Config, ConfigError, get_key, iter_keys
 from common.optim import clip_grad_norm
 from common.tracking import Tracker
 
@@ -166,6 +168,41 @@ def deepspeed_engine(module: torch.nn.Module, optimizer, cfg: Config):
     return engine, optimizer
 
 
+# Keys a resumed run may change: where and how often it reports, how long it runs, what it evaluates on.
+RESUMABLE_CHANGES = ("output_dir", "report_to", "wandb.", "eval.", "train.resume", "train.max_steps",
+                     "train.save_every", "train.keep_last", "train.log_every", "train.eval_every",
+                     "train.eval_batch_size", "train.num_threads", "train.device", "data.eval_path",
+                     "data.max_eval_records")
+
+
+def run_settings(cfg: Config) -> dict:
+    """What a checkpoint records about the run that wrote it: every config key a resumed run must keep, and a
+    digest of the training data's content (the same path can hold other data)."""
+    settings = {k: get_key(cfg, k) for k, *_ in iter_keys() if not k.startswith(RESUMABLE_CHANGES)}
+    train = Path(cfg.data.train_path) if cfg.data.train_path else None
+    if train is not None and train.is_file():
+        settings["<training data sha256>"] = hashlib.sha256(train.read_bytes()).hexdigest()[:16]
+    return json.loads(json.dumps(settings))  # as state.json will give it back (tuples as lists)
+
+
+def check_resumable(checkpoint: Path, settings: dict, max_steps: int) -> None:
+    """Refuse, before any weight is loaded, a checkpoint this run cannot continue: one written with other settings
+    (its weights and optimizer belong to another experiment) or one already at or past train.max_steps."""
+    state = ckpt.read_state(checkpoint)
+    saved = state.get("settings")
+    if saved is not None:
+        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
+            more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
+            raise ConfigError(f"{checkpoint} was written by a run with other settings ({shown}{more}). Resume with "
+                              "those settings, set train.resume=never to start over, or use another output_dir")
+    step = int(state.get("iteration", state["step"]))
+    if step >= max_steps:
+        raise ConfigError(f"{checkpoint} is at step {step}, train.max_steps is {max_steps}: nothing to resume. "
+                          "Raise train.max_steps, set train.resume=never to start over, or use another output_dir")
+
+
 @dataclass
 class TrainLoop:
     cfg: Config
@@ -187,7 +224,9 @@ class TrainLoop:
             engine, optimizer = deepspeed_engine(self.module, optimizer, cfg)
         ckpt_root = self.run_dir / "checkpoints"
         start = 0
+        settings = run_settings(cfg)
         if tr.resume == "auto" and (latest := ckpt.latest_checkpoint(ckpt_root)) is not None:
+            check_resumable(latest, settings, tr.max_steps)
             state, _ = ckpt.load_checkpoint(latest, self.module, optimizer, engine)
             start = state["step"]
             self.history = state.get("history", [])
@@ -251,7 +290,8 @@ class TrainLoop:
                     self.tracker.log(metrics, step=done)
             if tr.save_every and done % tr.save_every == 0 and done < tr.max_steps:
                 try:
-                    ckpt.save_checkpoint(ckpt_root, done, self.module, optimizer, extra={"history": self.history},
+                    ckpt.save_checkpoint(ckpt_root, done, self.module, optimizer,
+                                         extra={"history": self.history, "settings": settings},
                                          keep_last=tr.keep_last, engine=engine)
                 except FloatingPointError as exc:
                     raise TrainingError(f"parameters are not finite at step {done}: {exc}. Lower train.lr or "

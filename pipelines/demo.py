@@ -165,7 +165,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true",
                         help="smaller settings (about 8 minutes on 2 cores, weaker effect)")
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default runs/demo, with --fast runs/demo_fast: a run folder resumes only "
+                             "the run that wrote it)")
     parser.add_argument("--model", default=None, help="model.name for every stage (default: the configs' smollm2-135m)")
     parser.add_argument("--stages", type=parse_stages, metavar="A,B,...",
                         help="run only these stages, comma-separated: " + ",".join(n for n, *_ in STAGES) +
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="applied to every stage")
     args = parser.parse_args(argv)
     setup_logging()
-    out = Path(args.out)
+    out = Path(args.out or ("runs/demo_fast" if args.fast else "runs/demo"))
     try:
         result = run_demo(out, args.fast, args.model, args.overrides, args.stages)
     except (ConfigError, DataError, FileNotFoundError) as exc:

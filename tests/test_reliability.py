@@ -178,3 +178,34 @@ def test_run_folder_mismatch_refused(tmp_path, toy_data):
     (run_dir / "run.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="trained on model"):
         load_backbone_from_run(run_dir, torch.device("cpu"))
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_before_loading_it(tmp_path, toy_data):
+    from common.config import ConfigError, load_config
+    from pipelines.train_rm import run
+
+    source, evals = toy_data
+    original = source.read_text()
+    train = tmp_path / "resumed_train.jsonl"
+    train.write_text(original)
+
+    def cfg(**over):
+        return load_config(None, tiny_overrides(tmp_path, train, evals, **{"train.max_steps": 3,
+                                                                          "train.save_every": 1, **over}))
+
+    run(cfg())
+    ckpt_root = tmp_path / "run" / "checkpoints"
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    before = load_file(str(latest / "trainable.safetensors"))
+    with pytest.raises(ConfigError, match=r"other settings \(train\.lr: 0\.003 there, 0\.01 now\)"):
+        run(cfg(**{"train.lr": 0.01}))
+    train.write_text(original + original.splitlines()[0] + "\n")
+    with pytest.raises(ConfigError, match=r"other settings \(<training data sha256>"):  # same path, other data
+        run(cfg())
+    train.write_text(original)
+    with pytest.raises(ConfigError, match=r"at step 2, train.max_steps is 2: nothing to resume"):
+        run(cfg(**{"train.max_steps": 2}))
+    assert ckpt.latest_checkpoint(ckpt_root) == latest  # nothing written over
+    assert all(torch.equal(v, load_file(str(latest / "trainable.safetensors"))[k]) for k, v in before.items())
+    assert run(cfg(**{"train.max_steps": 4, "train.log_every": 1}))  # longer, same settings: resumes
+    assert run(cfg(**{"train.lr": 0.01, "train.resume": "never"}))  # or start over on purpose

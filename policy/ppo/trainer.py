@@ -46,8 +46,8 @@ from common.batching import PairEncoder, collate_sequences
 from common.config import Config
 from common.tracking import Tracker
 from common.optim import clip_grad_norm
-from common.trainer import (TrainingError, deepspeed_engine, dump_rank_weights, lr_factor, make_optimizer,
-                            test_step_delay)
+from common.trainer import (TrainingError, check_resumable, deepspeed_engine, dump_rank_weights, lr_factor,
+                            make_optimizer, run_settings, test_step_delay)
 from policy.ppo.core import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -421,13 +421,14 @@ class PPOTrainer:
     def save(self, done: int) -> Path:
         extra = {"iteration": done, "kl_controller": self.kl_ctl.state_dict(), "reward_stats": self.reward_stats,
                  "user_reward_norm": self.user_reward_norm.state_dict(),
-                 "history": self.history}
+                 "history": self.history, "settings": run_settings(self.cfg)}
         return ckpt.save_checkpoint(self.ckpt_root, done, self.modules, self.optimizer, extra=extra,
                                     keep_last=self.cfg.train.keep_last, engine=self.engine)
 
     def maybe_resume(self) -> int:
         if self.cfg.train.resume != "auto" or (latest := ckpt.latest_checkpoint(self.ckpt_root)) is None:
             return 0
+        check_resumable(latest, run_settings(self.cfg), self.cfg.train.max_steps)
         state, _ = ckpt.load_checkpoint(latest, self.modules, self.optimizer, self.engine)
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.reward_stats = state.get("reward_stats")
