@@ -8,7 +8,7 @@ from common.batching import EncodedPair, collate_pairs, concat_batches
 from common.config import Config
 from common.trainer import TrainLoop, batch_indices, drop_to_generic, param_groups
 from policy.dpo_loss import stochastic_generic_mask
-from reward.loss import bt_loss, personalized_bt_loss
+from reward.loss import personalized_bt_loss
 from reward.model import PersonalizedRewardModel
 
 
@@ -40,8 +40,12 @@ class RewardModelTrainer:
             users = torch.where(generic, torch.zeros_like(pair_users), pair_users)
             batch["user_idx"] = users.repeat(2)
             r = self.rm(_to(batch, self.device))
-            loss = bt_loss(r[:B], r[B:], cfg.loss.label_smoothing).mean()
-            stats = {"loss/mixed": loss.detach(), "acc/mixed": (r[:B] > r[B:]).float().mean()}
+            # one BT term over the mixed users (the same loss function as the exact path, alpha 1: each row is
+            # scored for the user drawn for it), the centring penalty included
+            loss, stats = personalized_bt_loss(r[:B], r[B:], None, None, 1.0, cfg.loss.label_smoothing,
+                                               cfg.loss.center_rewards_coef)
+            stats = {"loss/mixed": stats["loss/user"], "acc/mixed": stats["acc/user"],
+                     "margin/mixed": stats["margin/user"]}
         elif alpha >= 1.0 or alpha <= 0.0:
             # One term only: the pair for its user (alpha = 1) or as generic user 0 (alpha = 0).
             users = pair_users if alpha >= 1.0 else torch.zeros_like(pair_users)

@@ -227,3 +227,21 @@ def test_accuracy_metrics_report_mean_margin_per_user_and_group():
     assert m["overall"]["mean_margin"] == pytest.approx(0.6875)
     assert m["generic"]["accuracy"] == 0.5 and m["generic"]["mean_margin"] == pytest.approx(-0.25)
     assert m["generic_per_group"]["minority"] == {"accuracy": 0.0, "n": 1, "mean_margin": -3.0}
+
+
+@pytest.mark.parametrize("estimator", ["exact", "stochastic"])
+def test_center_rewards_penalty_applies_with_either_estimator(tmp_path, estimator):
+    from common.batching import EncodedPair
+    from reward.trainer import RewardModelTrainer
+
+    pairs = [EncodedPair([5, 6, 7], [8, 9, 2], [10, 2], 1), EncodedPair([5, 6], [3, 2], [4, 4, 2], 2)] * 2
+    losses = []
+    for coef in (0.0, 100.0):
+        torch.manual_seed(0)
+        rm, tok, cfg = tiny_rm(n_users=3, **{"loss.estimator": estimator, "loss.alpha": 0.5,
+                                             "loss.center_rewards_coef": coef, "train.batch_size": 4})
+        with torch.no_grad():
+            rm.score.bias.fill_(3.0)  # rewards far from 0: the penalty is large
+        trainer = RewardModelTrainer(cfg, rm, pairs, tok.pad_token_id, "cpu", tmp_path / f"{estimator}{coef}")
+        losses.append(trainer.loss(0, 0)[0].item())
+    assert losses[1] > losses[0] + 100.0  # coef * mean((r_w + r_l)^2) with r near 3: about 100 * 36
