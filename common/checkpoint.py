@@ -73,6 +73,17 @@ def _rng_file(rank: int) -> str:
     return "rng.safetensors" if rank == 0 else f"rng-rank-{rank}.safetensors"
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file's content to disk: COMPLETE must never outlive, after a power cut, the data it vouches
+    for (renames and directory fsyncs order names, not file contents)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -111,6 +122,8 @@ def save_checkpoint(ckpt_root: Path, step: int, module: torch.nn.Module, optimiz
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(meta))
     rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout masks on a GPU come from its stream
+        rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / _rng_file(dist.rank())))  # ranks sample differently: each resumes its own stream
     if shared:
         dist.barrier()  # every rank's part is on disk before rank 0 declares the checkpoint complete
@@ -129,6 +142,7 @@ def _complete(tmp: Path, final: Path, ckpt_root: Path, step: int, extra: dict | 
         save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
     state = {"step": step, "python_random": _py_state(), "numpy_random": _np_state(), **(extra or {})}
     (tmp / "state.json").write_text(json.dumps(state))
+    _fsync_tree(tmp)
     (tmp / COMPLETE).write_text("ok\n")
     _fsync_dir(tmp)
     if final.exists():
@@ -200,7 +214,10 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
     if not rng_file.exists():
         raise FileNotFoundError(f"{path}: no {rng_file.name}: this checkpoint was written by fewer processes "
                                 f"than the {dist.world_size()} resuming it; resume with the same number")
-    torch.set_rng_state(load_file(str(rng_file))["torch"])
+    rng = load_file(str(rng_file))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     v, st, gauss = state["python_random"]
     random.setstate((v, tuple(st), gauss))
     name, keys, pos, has_gauss, cached = state["numpy_random"]

@@ -133,6 +133,23 @@ def test_keep_last_prunes(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 4]
 
 
+def test_checkpoint_files_reach_the_disk_before_complete(tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path.is_file():
+            synced.append((path.name, (path.parent / ckpt.COMPLETE).exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    model = torch.nn.Linear(2, 1)
+    ckpt.save_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()))
+    names = {name for name, _ in synced}
+    assert {"trainable.safetensors", "optimizer.safetensors", "state.json"} <= names
+    assert not any(complete for _, complete in synced)  # all of them before COMPLETE was written
+
+
 def test_checkpoint_refuses_nan(tmp_path):
     model = torch.nn.Linear(2, 1)
     with torch.no_grad():
