@@ -215,8 +215,11 @@ def test_stochastic_estimator_trains(tmp_path, toy_data):
 
     train, evals = toy_data
     m = run(load_config(None, tiny_overrides(tmp_path, train, evals, **{"loss.estimator": "stochastic",
+                                                                         "train.max_steps": 30, "train.batch_size": 8,
                                                                          "eval.n_generation_prompts": 0})))
+    # one pass per pair (its user or, with probability 1 - alpha, the generic user) still separates the users
     assert m["eval"]["overall"]["n"] == 8
+    assert m["eval"]["per_user"]["a"]["accuracy"] == 1.0 and m["eval"]["per_user"]["b"]["accuracy"] == 1.0
 
 
 def test_chosen_nll_keeps_chosen_answers_likelier_than_plain_dpo(tmp_path, toy_data):

@@ -236,6 +236,13 @@ def test_roles_logps_reference_and_values(tmp_path):
         _, kl = per_token_kl_rewards(same, ref, mask, 0.1, torch.zeros(2))
         assert kl.abs().max() < 1e-6
         assert not torch.allclose(logps, ref, atol=1e-4)
+        # a trained LoRA moves the actor but not the reference (adapters off): the KL is measured against pi_SFT
+        for name, param in modules.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+        assert torch.equal(reference.token_logps(batch, width=5), ref)
+        moved, _, _ = actor.token_logps(*actor.backbone.hidden_states(batch, use_prefix=False), width=5)
+        assert not torch.allclose(moved, ref, atol=1e-3)
         # values: the head on the hidden state that predicts each response token
         values = critic.values(batch, 5, hidden, inputs)
         rows, cols, k = response_index(inputs.labels)

@@ -55,6 +55,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, toy_data, stage):
     assert not (killed_dir / "checkpoint").exists()
 
     _run_stage(stage, over)  # train.resume=auto is the default
+    # it went on from the last checkpoint (a silent restart from step 0 would end with the same weights too)
+    assert json.loads((killed_dir / "run.json").read_text())["train"]["resumed_from"] == done[-1][0]
     log = [json.loads(l) for l in (killed_dir / "metrics_log.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in log if "train/loss" in r]
     assert train_steps[-1] == 12
@@ -87,6 +89,7 @@ def test_sigkill_then_resume_matches_uninterrupted_ppo(tmp_path, toy_data):
     done = ckpt.list_checkpoints(killed_dir / "checkpoints")
     assert done and done[-1][0] < 6 and not (killed_dir / "checkpoint").exists()
     _run_stage("train_ppo", over)
+    assert json.loads((killed_dir / "run.json").read_text())["train"]["resumed_from"] == done[-1][0]
     a, b = _final_weights(ref_dir), _final_weights(killed_dir)
     a.update(load_file(str(ref_dir / "checkpoint" / "value_head.safetensors")))
     b.update(load_file(str(killed_dir / "checkpoint" / "value_head.safetensors")))

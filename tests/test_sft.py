@@ -77,6 +77,16 @@ def test_pdpo_on_top_of_sft_evaluates_against_pi_sft(tmp_path, toy_data):
     assert "per_user" in m["eval"]
     cfg, backbone, *_ = load_backbone_from_run(tmp_path / "run", torch.device("cpu"))
     assert cfg.model.sft_run == str(tmp_path / "sft")
+    # the run loaded back scores against pi_SFT (its adapter merged), not against the bare base model
+    from common.batching import collate_sequences
+    from policy.model import PersonalizedPolicy, response_logps
+
+    _, sft_backbone, *_ = load_backbone_from_run(tmp_path / "sft", torch.device("cpu"))
+    batch = collate_sequences([[5, 6, 7], [8, 9]], [[10, 11], [12]], [0, 0], [[], []], pad_id=0)
+    with torch.no_grad():
+        hidden, inputs = sft_backbone.hidden_states(batch, use_prefix=False)
+        sft_logps = response_logps(hidden, inputs.labels, sft_backbone.lm_head)
+    assert torch.allclose(PersonalizedPolicy(backbone).reference_logps(batch), sft_logps, atol=1e-5)
 
 
 def test_sft_run_must_be_a_finished_sft_run(tmp_path, toy_data):
