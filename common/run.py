@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import checkpoint as ckpt
 from common import dist
 from common.backbone import PersonalizedBackbone, apply_finetune, init_prefix_from_vocab, quiet_peft_wrap
 from common.config import Config, ConfigError, dump_yaml, load_config
@@ -38,7 +39,14 @@ def pick_device(cfg: Config) -> torch.device:
 
 
 def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run folder and write its config.yaml, after checking that a checkpoint already in it (which
+    train.resume=auto will continue) belongs to this run: a refused run must not leave the folder's config and
+    users.json describing a run its checkpoints are not from."""
     run_dir = Path(cfg.output_dir)
+    if cfg.train.resume == "auto" and (latest := ckpt.latest_checkpoint(run_dir / "checkpoints")) is not None:
+        from common.trainer import check_resumable, run_settings
+
+        check_resumable(latest, run_settings(cfg), cfg.train.max_steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():  # with several processes rank 0 writes the run folder
         tmp = run_dir / "config.yaml.tmp"

@@ -190,13 +190,16 @@ def check_resumable(checkpoint: Path, settings: dict, max_steps: int) -> None:
     (its weights and optimizer belong to another experiment) or one already at or past train.max_steps."""
     state = ckpt.read_state(checkpoint)
     saved = state.get("settings")
-    if saved is not None:
-        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-        if diff:
-            shown = "; ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
-            more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
-            raise ConfigError(f"{checkpoint} was written by a run with other settings ({shown}{more}). Resume with "
-                              "those settings, set train.resume=never to start over, or use another output_dir")
+    if saved is None:
+        raise ConfigError(f"{checkpoint} does not record the settings it was written with (an older version wrote "
+                          "it), so it cannot be checked against this run. Set train.resume=never to start over, "
+                          "or use another output_dir")
+    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
+        more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
+        raise ConfigError(f"{checkpoint} was written by a run with other settings ({shown}{more}). Resume with "
+                          "those settings, set train.resume=never to start over, or use another output_dir")
     step = int(state.get("iteration", state["step"]))
     if step >= max_steps:
         raise ConfigError(f"{checkpoint} is at step {step}, train.max_steps is {max_steps}: nothing to resume. "

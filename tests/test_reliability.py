@@ -217,8 +217,11 @@ def test_resume_refuses_a_checkpoint_of_other_settings_before_loading_it(tmp_pat
     ckpt_root = tmp_path / "run" / "checkpoints"
     latest = ckpt.latest_checkpoint(ckpt_root)
     before = load_file(str(latest / "trainable.safetensors"))
+    written = {f: (tmp_path / "run" / f).read_text() for f in ("config.yaml", "users.json", "run.json")}
     with pytest.raises(ConfigError, match=r"other settings \(train\.lr: 0\.003 there, 0\.01 now\)"):
         run(cfg(**{"train.lr": 0.01}))
+    # refused before the run folder was touched: its files still describe the run its checkpoints are from
+    assert {f: (tmp_path / "run" / f).read_text() for f in written} == written
     train.write_text(original + original.splitlines()[0] + "\n")
     with pytest.raises(ConfigError, match=r"other settings \(<training data sha256>"):  # same path, other data
         run(cfg())
@@ -227,5 +230,10 @@ def test_resume_refuses_a_checkpoint_of_other_settings_before_loading_it(tmp_pat
         run(cfg(**{"train.max_steps": 2}))
     assert ckpt.latest_checkpoint(ckpt_root) == latest  # nothing written over
     assert all(torch.equal(v, load_file(str(latest / "trainable.safetensors"))[k]) for k, v in before.items())
+    state = json.loads((latest / "state.json").read_text())
+    (latest / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "settings"}))
+    with pytest.raises(ConfigError, match="does not record the settings"):  # an older version's checkpoint
+        run(cfg())
+    (latest / "state.json").write_text(json.dumps(state))
     assert run(cfg(**{"train.max_steps": 4, "train.log_every": 1}))  # longer, same settings: resumes
     assert run(cfg(**{"train.lr": 0.01, "train.resume": "never"}))  # or start over on purpose
