@@ -1,4 +1,4 @@
-"""Resumable checkpoints, written atomically and without pickle.
+"""Resumable checkpoints, written atomically, and without pickle unless DeepSpeed writes them.
 
 A checkpoint is a folder `checkpoints/step-N/` holding `trainable.safetensors` (the parameters that train),
 `optimizer.safetensors` + `optimizer.json`, `rng.safetensors`, `state.json` and, written last, `COMPLETE`. It is
@@ -8,6 +8,8 @@ complete checkpoint or the new one, never a half-written folder that resume coul
 With several processes (a DeepSpeed engine over ranks) every rank writes its DeepSpeed partition and its own RNG
 state (`rng-rank-R.safetensors`, R > 0) into one shared temp folder named after the step; rank 0 writes the rest
 and renames it. The run folder must be on a file system all ranks see (one machine, or a shared mount).
+DeepSpeed's partitions (`deepspeed/`) are its own torch.save files, read back with torch.load: resume a
+DeepSpeed run only from checkpoints you trust. The final weights (`checkpoint/`) are safetensors in every case.
 """
 
 from __future__ import annotations
