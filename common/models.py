@@ -120,8 +120,12 @@ def load_causal_lm(name: str, dtype: str = "float32", trust_remote_code: bool = 
         model = build_tiny_model(tokenizer, dtype=_dtype(dtype))
     else:
         source = str(_smollm2_cached()) if name == "smollm2-135m" else name
-        if name not in EMBEDDED and not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(f"model.name {name!r} is not a local folder and the hub is offline")
+        if name not in EMBEDDED and not Path(name).exists():
+            if name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep).split(os.sep, 1)[-1]:
+                # a path (a hub id has one "/"): the hub would answer with a repo-id error that never names the key
+                raise FileNotFoundError(f"model.name {name!r}: no such local folder")
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise FileNotFoundError(f"model.name {name!r} is not a local folder and the hub is offline")
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(dtype), use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, revision=revision)

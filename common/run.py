@@ -118,8 +118,8 @@ def merge_sft_adapter(lm, sft_run: Path):
                           f"{sft_run} has run.json stage {info.get('stage')!r}, adapter "
                           f"{'present' if adapter.exists() else 'missing'}")
     if info["model"] != model_fingerprint(lm):
-        raise ValueError(f"model.sft_run={sft_run}: trained on {info['model_name']} {info['model']}, "
-                         f"not on this stage's model {model_fingerprint(lm)}")
+        raise ConfigError(f"config key 'model.sft_run': {sft_run} was trained on {info['model_name']} "
+                          f"{info['model']}, not on this stage's model {model_fingerprint(lm)}")
     with quiet_peft_wrap():
         peft_model = PeftModel.from_pretrained(lm, str(sft_run / "checkpoint" / "adapter"), is_trainable=False)
     return peft_model.merge_and_unload()
@@ -200,13 +200,13 @@ def load_backbone_from_run(run_dir: str | Path, device: torch.device, cfg: Confi
     vocab = UserVocab.load(run_dir / "users.json")
     user_model = load_user_model(ckpt)
     if user_model.n_users != len(vocab):
-        raise ValueError(f"{run_dir}: user model has {user_model.n_users} users but users.json has {len(vocab)}: "
-                         "the user vocabulary does not belong to this user model")
+        raise DataError(f"{run_dir}: user model has {user_model.n_users} users but users.json has {len(vocab)}: "
+                        "the user vocabulary does not belong to this user model")
     lm, tokenizer = load_start_lm(cfg)
     fp = model_fingerprint(lm)
     if fp != info["model"]:
-        raise ValueError(f"{run_dir}: trained on model {info['model_name']} {info['model']}, "
-                         f"but model.name={cfg.model.name} gives {fp}")
+        raise ConfigError(f"{run_dir}: trained on model {info['model_name']} {info['model']}, "
+                          f"but model.name={cfg.model.name} gives {fp}")
     lm = apply_finetune(lm, cfg.model)
     backbone = PersonalizedBackbone(lm, user_model)
     backbone.keep_frozen_reference()  # full fine-tune: copy the base weights *before* loading the trained ones

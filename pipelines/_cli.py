@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from common.config import Config, ConfigError, help_text, load_config
+from common.trainer import TrainingError
 from preference_data.records import DataError
 
 
@@ -36,4 +37,7 @@ def stage_main(stage: str, description: str, run: Callable[[Config], dict], argv
     except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"{stage}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:  # training itself failed (e.g. a non-finite loss): the message says what to do
+        print(f"{stage}: training stopped: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from common.config import ConfigError, load_config
+from common.trainer import TrainingError
 from pipelines._cli import setup_logging
 from preference_data.records import DataError
 
@@ -181,6 +182,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"demo: training stopped: {exc}", file=sys.stderr)
+        return 1
     print_summary(result, out)
     return 0
 

@@ -88,6 +88,23 @@ def test_stage_reports_bad_line_before_training(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_stage_names_a_missing_model_folder_and_a_foreign_sft_run(tmp_path):
+    path = _file(tmp_path, [GOOD, {**GOOD, "prompt": "q"}])
+    base = [f"data.train_path={path}", "report_to=none", "train.max_steps=1"]
+    out = _cli("train_rm", base + [f"output_dir={tmp_path / 'a'}", "model.name=./no/such/model"])
+    assert out.returncode == 2 and "model.name './no/such/model': no such local folder" in out.stderr
+    assert "Traceback" not in out.stderr
+    sft = tmp_path / "sft"  # a finished train_sft run of another model than the stage's
+    (sft / "checkpoint" / "adapter").mkdir(parents=True)
+    (sft / "checkpoint" / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    (sft / "run.json").write_text(json.dumps({"stage": "train_sft", "model_name": "other",
+                                              "model": {"model_type": "gpt2", "hidden_size": 8}}))
+    out = _cli("train_pdpo", base + [f"output_dir={tmp_path / 'b'}", "model.name=tiny-random",
+                                      f"model.sft_run={sft}"])
+    assert out.returncode == 2 and "config key 'model.sft_run'" in out.stderr and "was trained on other" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("override,needle", [
     ("train.max_stepz=3", "unknown config key 'train.max_stepz'; did you mean 'train.max_steps'"),
     ("user_model.kind=hierarchical", "user_model.kind"),
