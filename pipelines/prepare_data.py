@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("source options (only where they apply)")
     S = argparse.SUPPRESS
+    g.add_argument("--eval-prompts", type=int, default=15, metavar="N",
+                   help="length-conflict: held-out prompts (default: 15, as the demo)")
     g.add_argument("--top-workers", type=int, default=S, metavar="N",
                    help="tldr-length: keep the N workers with the most annotations (default: 10)")
     g.add_argument("--minority-share", type=float, default=S, metavar="F",
@@ -138,7 +140,7 @@ def _run_length_conflict(args) -> int:
     except ImportError as exc:
         raise DataError(f"length-conflict needs preference_data.length_conflict.write_length_conflict ({exc})") from None
 
-    result = write_length_conflict(args.out, seed=args.seed)
+    result = write_length_conflict(args.out, seed=args.seed, n_eval_prompts=args.eval_prompts)
     print(f"length-conflict: wrote {args.out}" + (f": {result}" if result is not None else ""))
     return 0
 
