@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -83,10 +84,27 @@ def smollm2_gguf_folder() -> Path:
 
 
 def _smollm2_cached() -> Path:
-    """Dequantise the GGUF once and keep it as a safetensors folder (written atomically)."""
+    """Dequantise the GGUF once and keep it as a safetensors folder (written atomically). Processes that start
+    together (torchrun) take turns on a file lock: the first builds it, the others find it built."""
     target = cache_dir() / "smollm2-135m-fp32"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _complete_model_folder(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".smollm2-135m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not _complete_model_folder(target):  # another process may have built it while this one waited
+                _build_smollm2(target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def _complete_model_folder(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def _build_smollm2(target: Path) -> None:
     folder = smollm2_gguf_folder()
     log.info("dequantising %s (first use only; cached in %s)", SMOLLM2_GGUF, target)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
@@ -96,18 +114,16 @@ def _smollm2_cached() -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        if target.exists():
+        if target.exists():  # a half-built folder of a killed process (no lock holder can be reading it)
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # ------------------------------------------------------------------------------------------------- entry point

@@ -237,3 +237,30 @@ def test_resume_refuses_a_checkpoint_of_other_settings_before_loading_it(tmp_pat
     (latest / "state.json").write_text(json.dumps(state))
     assert run(cfg(**{"train.max_steps": 4, "train.log_every": 1}))  # longer, same settings: resumes
     assert run(cfg(**{"train.lr": 0.01, "train.resume": "never"}))  # or start over on purpose
+
+
+def test_embedded_model_is_built_once_when_processes_start_together(tmp_path, monkeypatch):
+    """torchrun ranks on a fresh machine all ask for the dequantised SmolLM2 at once: one builds it, the others
+    wait on the lock and find it built (each building its own copy raced on the same folder)."""
+    import threading
+
+    from common import models
+
+    monkeypatch.setenv("PRLHF_CACHE", str(tmp_path))
+    builds = []
+
+    def slow_build(target):
+        builds.append(target)
+        time.sleep(0.3)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(models, "_build_smollm2", slow_build)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(models._smollm2_cached())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(set(results)) == 1 and (results[0] / "config.json").exists()
