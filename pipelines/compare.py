@@ -138,8 +138,11 @@ def write_report(comp: dict, out: Path) -> Path:
     lines = ["# Comparison", "", "Runs: " + ", ".join(f"`{r['label']}` ({r['route']}, {r['user_model']})"
                                                          for r in comp["runs"]), "",
              "## Accuracy per group (held-out pairs)", ""]
-    lines += _md_table(comp["per_group_accuracy"], labels, "group")
-    lines += ["", "Every pair scored as the generic user 0: " +
+    if comp["per_group_accuracy"]:
+        lines += _md_table(comp["per_group_accuracy"], labels, "group") + [""]
+    else:
+        lines += ["The records carry no `group`.", ""]
+    lines += ["Every pair scored as the generic user 0: " +
               ", ".join(f"{k} {_fmt(v)}" for k, v in comp["generic_accuracy"].items()), ""]
     if any(v is not None for row in comp.get("per_group_mean_margin", {}).values() for v in row.values()):
         lines += ["Mean margin per group (chosen minus rejected: RM reward for the RM route, beta * log-ratio for "
