@@ -470,7 +470,8 @@ def validate(cfg: Config) -> None:
 
 
 def help_text(stage: str) -> str:
-    lines = [f"Config keys (YAML file via --config, or dotted key=value overrides). Stage: {stage}", ""]
+    source = "the run's config.yaml" if stage == "evaluate" else "YAML file via --config"
+    lines = [f"Config keys ({source}, or dotted key=value overrides). Stage: {stage}", ""]
     for key, tp, default, help_ in iter_keys():
         lines.append(f"  {key:<34} {_type_name(tp):<28} default {default!r}")
         lines.append(f"      {help_}")

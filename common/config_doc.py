@@ -4,8 +4,9 @@ from common.config import config_reference_markdown
 
 HEADER = """# Config reference
 
-Every stage (`train_rm`, `train_pdpo`, `train_ppo`, `evaluate`) reads the same schema: a YAML file given with
-`--config` plus dotted `key=value` overrides on the command line, e.g.
+Every training stage (`train_sft`, `train_rm`, `train_pdpo`, `train_ppo`) reads the same schema: a YAML file given
+with `--config` plus dotted `key=value` overrides on the command line (`evaluate` reads the run's own config.yaml
+plus overrides), e.g.
 
     python -m pipelines.train_rm --config configs/demo/rm.yaml train.max_steps=20 user_model.kind=cluster
 

@@ -43,6 +43,8 @@ def prepare_run_dir(cfg: Config) -> Path:
     train.resume=auto will continue) belongs to this run: a refused run must not leave the folder's config and
     users.json describing a run its checkpoints are not from."""
     run_dir = Path(cfg.output_dir)
+    if cfg.model.sft_run:
+        check_sft_run(Path(cfg.model.sft_run))
     if cfg.train.resume == "auto" and (latest := ckpt.latest_checkpoint(run_dir / "checkpoints")) is not None:
         from common.trainer import check_resumable, run_settings
 
@@ -105,18 +107,27 @@ def load_start_lm(cfg: Config):
     return lm, tokenizer
 
 
+def check_sft_run(sft_run: Path) -> dict:
+    """run.json of a finished train_sft run with a LoRA adapter, or ConfigError naming model.sft_run. Checked when
+    a stage starts, not in validate(): the demo validates every stage before its train_sft has run."""
+    sft_run = Path(sft_run)
+    if not sft_run.is_dir():
+        raise ConfigError(f"config key 'model.sft_run' names a folder that does not exist: {sft_run}")
+    adapter = sft_run / "checkpoint" / "adapter" / "adapter_model.safetensors"
+    info = json.loads((sft_run / RUN_INFO).read_text()) if (sft_run / RUN_INFO).exists() else {}
+    if info.get("stage") != "train_sft" or not adapter.exists():
+        raise ConfigError(f"config key 'model.sft_run' must be a finished train_sft run with a LoRA adapter: "
+                          f"{sft_run} has run.json stage {info.get('stage')!r}, adapter "
+                          f"{'present' if adapter.exists() else 'missing'}")
+    return info
+
+
 def merge_sft_adapter(lm, sft_run: Path):
     """Fold a train_sft run's LoRA into the weights. Later adapters train on top of it, and switching them off
     (the reference policy) gives back exactly pi_SFT."""
     from peft import PeftModel
 
-    adapter = sft_run / "checkpoint" / "adapter" / "adapter_model.safetensors"
-    info = json.loads((sft_run / RUN_INFO).read_text()) if (sft_run / RUN_INFO).exists() else {}
-    if info.get("stage") != "train_sft" or not adapter.exists():
-        # Checked when the stage starts, not in validate(): the demo validates every stage before train_sft runs.
-        raise ConfigError(f"config key 'model.sft_run' must be a finished train_sft run with a LoRA adapter: "
-                          f"{sft_run} has run.json stage {info.get('stage')!r}, adapter "
-                          f"{'present' if adapter.exists() else 'missing'}")
+    info = check_sft_run(sft_run)
     if info["model"] != model_fingerprint(lm):
         raise ConfigError(f"config key 'model.sft_run': {sft_run} was trained on {info['model_name']} "
                           f"{info['model']}, not on this stage's model {model_fingerprint(lm)}")

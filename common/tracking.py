@@ -23,6 +23,9 @@ def _scalar(v):
         return v
 
 
+_USER_WANDB_ENV = {var: os.environ.get(var) for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")}
+
+
 class Tracker:
     def __init__(self, cfg: Config, run_dir: Path, job_type: str):
         self.run_dir = Path(run_dir)
@@ -32,8 +35,10 @@ class Tracker:
         if self.enabled and cfg.report_to == "wandb" and cfg.wandb.mode != "disabled":
             wandb_dir = self.run_dir / "wandb"
             wandb_dir.mkdir(parents=True, exist_ok=True)
-            for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-                os.environ.setdefault(var, str(self.run_dir))  # keep wandb's files with the run
+            for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+                # wandb's caches and staging files go under this run's wandb/ (each run's, not the first run's
+                # of the process), unless the user set them
+                os.environ[var] = _USER_WANDB_ENV[var] or str(wandb_dir)
             os.environ["WANDB_DIR"] = str(self.run_dir)
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb

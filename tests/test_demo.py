@@ -34,6 +34,8 @@ def test_demo_wiring_tiny(tmp_path, capsys):
         assert (run / "plots" / "per_user_accuracy.png").exists()
         assert (run / "report.md").read_text().strip()
         assert list((run / "wandb").glob("offline-run-*"))
+    for name in STAGE_DIRS + ["sft"]:  # wandb's staging files stay inside each run's own wandb/
+        assert not (out / name / "artifacts").exists(), name
     sft = out / "sft"
     assert json.loads((sft / "run.json").read_text())["stage"] == "train_sft"
     assert "eval_nll_after" in json.loads((sft / "metrics.json").read_text())["sft"]

@@ -94,3 +94,13 @@ def test_sft_run_must_be_a_finished_sft_run(tmp_path, toy_data):
     cfg = load_config(None, tiny_overrides(tmp_path, train, evals, **{"model.sft_run": str(tmp_path / "nowhere")}))
     with pytest.raises(ConfigError, match="model.sft_run"):
         build_backbone(cfg, 3, torch.device("cpu"))
+
+
+def test_a_missing_sft_run_is_refused_before_the_run_folder_is_written(tmp_path, toy_data):
+    from pipelines.train_pdpo import run
+
+    train, evals = toy_data
+    cfg = load_config(None, tiny_overrides(tmp_path, train, evals, **{"model.sft_run": str(tmp_path / "nope")}))
+    with pytest.raises(ConfigError, match="'model.sft_run' names a folder that does not exist"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
