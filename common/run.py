@@ -210,7 +210,11 @@ def load_backbone_from_run(run_dir: str | Path, device: torch.device, cfg: Confi
     info = json.loads((run_dir / RUN_INFO).read_text())
     vocab = UserVocab.load(run_dir / "users.json")
     user_model = load_user_model(ckpt)
-    if user_model.n_users != len(vocab):
+    if user_model.n_users > len(vocab):  # rows appended by an adapt_user stopped before users.json: unreachable
+        log.warning("%s: the user table has %d row(s) without a users.json entry (an adapt_user stopped while "
+                    "saving); they are ignored, and the next adapt_user reuses them", run_dir,
+                    user_model.n_users - len(vocab))
+    if user_model.n_users < len(vocab):
         raise DataError(f"{run_dir}: user model has {user_model.n_users} users but users.json has {len(vocab)}: "
                         "the user vocabulary does not belong to this user model")
     lm, tokenizer = load_start_lm(cfg)

@@ -11,7 +11,7 @@ beta * log pi(y|x,u) / pi_ref(y|x), with the reference log-probs (no prefix, ada
 
 The records used are those whose user_id is NAME (or all records when none carries a user_id). The user is
 appended to users.json and to the user table (existing indices unchanged); checkpoint/user_model.* and users.json
-are rewritten atomically (temp file, then rename). Adapting a user who already exists is refused unless
+are each rewritten atomically (temp file, then rename; the weights first, see RunAdapter.save_users). Adapting a user who already exists is refused unless
 --overwrite, which refits that row from the generic init. With --out the run folder is copied there first and
 the original is left untouched.
 
@@ -189,7 +189,11 @@ class RunAdapter:
         if user_id in self.vocab:
             raise AdaptError(f"user {user_id!r} already exists (index {self.vocab.index(user_id)})")
         idx = self.vocab.add(user_id)
-        (new,) = self.user_model.implicit.add_users(1)
+        if self.user_model.n_users >= idx:  # a row an interrupted save left without its users.json entry
+            reset_user(self.user_model, idx)
+            new = idx
+        else:
+            (new,) = self.user_model.implicit.add_users(1)
         if new != idx:
             raise RuntimeError(f"user table gave index {new} but users.json gives {idx}")
         return idx
@@ -279,8 +283,8 @@ class RunAdapter:
     # -- save
     def save_users(self, target: Path, extra_info: dict | None = None) -> None:
         """checkpoint/user_model.{safetensors,json}, then users.json, then run.json, each written to a temp file
-        and renamed into place. Readers see the old or the new version of each file; between the renames (a
-        moment) a loader fails (tensor size or user-count check) rather than load a mismatched pair."""
+        and renamed into place, the weights first. A kill (or a reader) between the renames sees a table with one
+        row more than users.json: loaders ignore that row and the next adapt_user reuses it."""
         ckpt = target / "checkpoint"
         tmp = ckpt / f".tmp-adapt-{os.getpid()}"
         if tmp.exists():

@@ -250,3 +250,24 @@ def test_learning_curve_writes_table_and_plot(rm_run, tmp_path):
         assert (tmp_path / "curve2" / f).exists()
     assert "k=4" in (tmp_path / "curve2" / "curve.md").read_text()
     assert _digests(src) == original  # the curve never writes into the run
+
+
+def test_a_save_stopped_between_its_renames_leaves_a_loadable_run(rm_run, tmp_path):
+    """adapt_user renames the new weights into place first; killed before users.json (and the table's json)
+    follow, the run still loads (the extra row is unreachable) and the next adapt_user reuses that row."""
+    from common.run import load_backbone_from_run
+    from pipelines.adapt_user import adapt_user
+
+    src, new_file, _ = rm_run
+    run_dir = _copy(src, tmp_path / "run")
+    old = {f: (run_dir / f).read_text() for f in ("users.json", "checkpoint/user_model.json")}
+    adapt_user(run_dir, new_file, "new", steps=2)
+    for f, text in old.items():  # what a kill after the weights' rename leaves
+        (run_dir / f).write_text(text)
+    m = len(json.loads(old["users.json"])["users"])
+    _, backbone, _, vocab, _ = load_backbone_from_run(run_dir, torch.device("cpu"))
+    assert len(vocab) == m and backbone.user_model.n_users == m + 1
+    assert "new" not in vocab
+    adapt_user(run_dir, new_file, "new", steps=2)  # again: the lost save's row is reused, not a second one added
+    _, backbone, _, vocab, _ = load_backbone_from_run(run_dir, torch.device("cpu"))
+    assert vocab.index("new") == m + 1 and backbone.user_model.n_users == m + 1

@@ -103,8 +103,12 @@ def load_user_model(folder: str | os.PathLike) -> UserModel:
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path}: no user model here")
     cfg = json.loads(cfg_path.read_text())
-    model = build_user_model(cfg["kind"], cfg["n_users"], cfg["n_tokens"], cfg["dim"], cfg.get("n_clusters", 4),
-                             cfg.get("use_text", False))
     state = load_file(str(folder / WEIGHTS_NAME))
+    # The per-user table's rows (index 0 is the generic user) are the count: the weights file is renamed into
+    # place before its json (adapt_user), so after a kill between the two the table may hold one more user.
+    rows = [t.shape[0] for name, t in state.items() if name.endswith((".offsets.weight", ".logits.weight"))]
+    n_users = rows[0] - 1 if rows else cfg["n_users"]
+    model = build_user_model(cfg["kind"], n_users, cfg["n_tokens"], cfg["dim"], cfg.get("n_clusters", 4),
+                             cfg.get("use_text", False))
     model.load_state_dict(state)
     return model.to(getattr(torch, cfg.get("dtype", "float32")))
