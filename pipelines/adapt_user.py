@@ -143,7 +143,8 @@ def copy_run(src: Path, dst: Path) -> None:
     for name in ("config.yaml", RUN_INFO, "users.json", "metrics.json"):
         if (src / name).exists():
             shutil.copy2(src / name, tmp / name)
-    shutil.copytree(src / "checkpoint", tmp / "checkpoint", copy_function=link_or_copy)
+    shutil.copytree(src / "checkpoint", tmp / "checkpoint", copy_function=link_or_copy,
+                    ignore=shutil.ignore_patterns(".tmp-*"))  # a killed writer's leftovers
     if dst.exists():
         dst.rmdir()
     os.replace(tmp, dst)
@@ -332,7 +333,8 @@ def adapt_user(run_dir: str | Path, data: str | Path | list, user_id: str, steps
         raise AdaptError(f"{source}: no comparisons to adapt user {user_id!r} on")
     target = Path(out) if out is not None else run_dir
     if target.resolve() != run_dir.resolve():
-        copy_run(run_dir, target)
+        with _run_lock(run_dir):  # not in the middle of an in-place adapt_user's renames
+            copy_run(run_dir, target)
     t0 = time.time()
     with _run_lock(target):
         ad = RunAdapter(target, device, overrides, batch_size)

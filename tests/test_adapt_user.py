@@ -271,3 +271,17 @@ def test_a_save_stopped_between_its_renames_leaves_a_loadable_run(rm_run, tmp_pa
     adapt_user(run_dir, new_file, "new", steps=2)  # again: the lost save's row is reused, not a second one added
     _, backbone, _, vocab, _ = load_backbone_from_run(run_dir, torch.device("cpu"))
     assert vocab.index("new") == m + 1 and backbone.user_model.n_users == m + 1
+
+
+def test_out_copy_waits_for_no_writer_and_skips_leftovers(rm_run, tmp_path):
+    from pipelines.adapt_user import AdaptError, _run_lock, adapt_user
+
+    src, new_file, _ = rm_run
+    run_dir = _copy(src, tmp_path / "run")
+    (run_dir / "checkpoint" / ".tmp-adapt-999").mkdir()  # what a killed in-place adapt_user leaves
+    with _run_lock(run_dir):  # an in-place adapt_user is saving: the copy must not read the folder now
+        with pytest.raises(AdaptError, match="another adapt_user"):
+            adapt_user(run_dir, new_file, "new", steps=2, out=tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    adapt_user(run_dir, new_file, "new", steps=2, out=tmp_path / "copy")
+    assert not list((tmp_path / "copy" / "checkpoint").glob(".tmp-*"))
