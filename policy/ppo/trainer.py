@@ -140,6 +140,7 @@ class PPOTrainer:
         if cfg.train.deepspeed:
             self.engine, self.optimizer = deepspeed_engine(modules, self.optimizer, cfg)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.settings = run_settings(cfg)  # what every checkpoint records (hashes the training data once)
 
     # ------------------------------------------------------------------------------------------ helpers
     def _seed(self, iteration: int, stream: int) -> int:
@@ -421,14 +422,14 @@ class PPOTrainer:
     def save(self, done: int) -> Path:
         extra = {"iteration": done, "kl_controller": self.kl_ctl.state_dict(), "reward_stats": self.reward_stats,
                  "user_reward_norm": self.user_reward_norm.state_dict(),
-                 "history": self.history, "settings": run_settings(self.cfg)}
+                 "history": self.history, "settings": self.settings}
         return ckpt.save_checkpoint(self.ckpt_root, done, self.modules, self.optimizer, extra=extra,
                                     keep_last=self.cfg.train.keep_last, engine=self.engine)
 
     def maybe_resume(self) -> int:
         if self.cfg.train.resume != "auto" or (latest := ckpt.latest_checkpoint(self.ckpt_root)) is None:
             return 0
-        check_resumable(latest, run_settings(self.cfg), self.cfg.train.max_steps)
+        check_resumable(latest, self.settings, self.cfg.train.max_steps)
         state, _ = ckpt.load_checkpoint(latest, self.modules, self.optimizer, self.engine)
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.reward_stats = state.get("reward_stats")
