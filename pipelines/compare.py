@@ -9,6 +9,11 @@ Each RUN_DIR's own metrics.json is read: a training run folder gives its end-of-
 output folder (RUN_DIR/eval by default) that evaluation. A `train_sft` run adds its policy's response length as the
 reference. Runs are labelled by folder name, with as many parent folders as it takes to tell them apart
 (`rm/eval`, `pdpo/eval`).
+
+Win rates (`pipelines.winrate`) join the report where a folder has them: its own winrate.json (a winrate output
+folder given directly; it may have no metrics.json), else FOLDER/winrate/winrate.json (the convention: `winrate
+--out RUN_DIR/winrate`), else, for an evaluation folder inside a run (no run.json of its own, its parent has one:
+RUN_DIR/eval), RUN_DIR/winrate/winrate.json. Shown per group with 95% intervals, the baseline and the judge.
 """
 
 from __future__ import annotations
@@ -36,15 +41,55 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
         depth += 1
 
 
+WINRATE_FILE = "winrate.json"
+
+
+def find_winrate(folder: Path) -> Path | None:
+    """The winrate.json that belongs to a compared folder (see the module doc for the convention), or None."""
+    folder = Path(folder)
+    candidates = [folder / WINRATE_FILE, folder / "winrate" / WINRATE_FILE]
+    if not (folder / "run.json").exists() and (folder.parent / "run.json").exists():  # RUN_DIR/eval
+        candidates.append(folder.parent / "winrate" / WINRATE_FILE)
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def load_run_summary(run_dir: Path, label: str | None = None) -> dict:
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
-    if not metrics_path.exists():
-        raise FileNotFoundError(f"{run_dir}: no metrics.json (evaluate the run first)")
-    metrics = json.loads(metrics_path.read_text())
+    winrate_path = find_winrate(run_dir)
+    if not metrics_path.exists() and winrate_path is None:
+        raise FileNotFoundError(f"{run_dir}: no metrics.json (evaluate the run first) and no winrate.json")
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    winrate = None
+    if winrate_path is not None:
+        try:
+            winrate = json.loads(winrate_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{winrate_path}: not valid JSON ({exc})") from None
+        winrate["source"] = str(winrate_path)
     return {"label": label or run_dir.name, "dir": str(run_dir), "route": metrics.get("route") or info.get("route"),
-            "user_model": (info.get("user_model") or {}).get("kind"), "metrics": metrics, "info": info}
+            "user_model": (info.get("user_model") or {}).get("kind"), "metrics": metrics, "info": info,
+            "winrate": winrate}
+
+
+def _win_rates(runs: list[dict]) -> tuple[dict, dict]:
+    """({label: what the run was compared with, its overall and per-group rows}, {group: {label: win rate}})."""
+    details, per_group = {}, {}
+    for r in runs:
+        w = r.get("winrate")
+        if not w:
+            continue
+        keep = ("win_rate", "ci95", "n", "lc_win_rate")
+        overall = w.get("overall") or {}
+        details[r["label"]] = {"baseline": w.get("baseline"), "judge": w.get("judge"), "source": w.get("source"),
+                               "position_consistency": w.get("position_consistency"),
+                               "overall": {k: overall.get(k) for k in keep if k in overall},
+                               "per_group": {g: {k: v.get(k) for k in keep if k in v}
+                                             for g, v in (w.get("per_group") or {}).items()}}
+        for g, v in [*(w.get("per_group") or {}).items(), ("all users", overall)]:
+            per_group.setdefault(g, {})[r["label"]] = v.get("win_rate")
+    return details, per_group
 
 
 def _reference_words(r: dict) -> float | None:
@@ -92,19 +137,22 @@ def build_comparison(runs: list[dict]) -> dict:
             degeneracy[r["label"]] = {g: f"{toks[g]:.1f} / {distinct.get(g, float('nan')):.2f}" for g in toks}
     cost = {}
     for r in runs:
+        if not r["metrics"]:  # a winrate output folder given on its own: no training to report
+            continue
         t = r["metrics"].get("training") or {}
         cost[r["label"]] = {"route": r["route"], "user_model": r["user_model"], "train_wall_s": t.get("train_wall_s"),
                             "tokens_per_s": t.get("tokens_per_s"),
                             "trainable_parameters": t.get("trainable_parameters"),
                             "user_model_parameters": t.get("user_model_parameters"),
                             "llm_parameters": t.get("llm_parameters")}
+    win_rate, win_rate_per_group = _win_rates(runs)
     return {"runs": [{k: r[k] for k in ("label", "dir", "route", "user_model")} for r in runs],
             "per_user_accuracy": table, "per_group_accuracy": per_group, "per_group_mean_margin": margin,
             "generic_accuracy": generic,
             "response_words": lengths, "response_words_by_group": length_by_group,
             "reference_response_words": reference_words, "reference_response_words_by_run": references,
             "response_tokens_and_distinct_by_group": degeneracy,
-            "cost": cost}
+            "cost": cost, "win_rate": win_rate, "win_rate_per_group": win_rate_per_group}
 
 
 def _fmt(x, d=3):
@@ -116,6 +164,31 @@ def _md_table(rows: dict[str, dict], cols: list[str], first: str, digits: int = 
     for key, vals in rows.items():
         out.append(f"| {key} | " + " | ".join(_fmt(vals.get(c), digits) for c in cols) + " |")
     return out
+
+
+def _win_rate_section(comp: dict) -> list[str]:
+    """Win rate per group (95% interval) of each run that has a winrate.json, and what it was compared with."""
+    details = comp.get("win_rate") or {}
+    if not details:
+        return []
+    cols = list(details)
+    rows = {}
+    for g, vals in comp["win_rate_per_group"].items():
+        row = {}
+        for lab in cols:
+            v = details[lab]["overall"] if g == "all users" else details[lab]["per_group"].get(g)
+            ci = (v or {}).get("ci95")
+            row[lab] = None if not v or v.get("win_rate") is None else \
+                f"{v['win_rate']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        rows[g] = row
+    lines = ["", "## Win rate against a baseline (pipelines.winrate)", "",
+             "(win + tie / 2) / n per group with its 95% bootstrap interval; 0.5 is no difference.", ""]
+    lines += _md_table(rows, cols, "group")
+    lines += [""] + [f"- `{lab}`: against `{d['baseline']}`, judge `{d['judge']}`" +
+                     (f", position consistency {d['position_consistency']:.3f}"
+                      if d.get("position_consistency") is not None else "") + f" (`{d['source']}`)"
+                     for lab, d in details.items()]
+    return lines
 
 
 def write_report(comp: dict, out: Path) -> Path:
@@ -135,7 +208,13 @@ def write_report(comp: dict, out: Path) -> Path:
                                        "mean greedy response length per user", "words", hlines=refs or None))
         pngs.append(plots.grouped_bars(comp["response_words_by_group"], out / "plots" / "response_words_per_group.png",
                                        "mean greedy response length per group", "words"))
+    if comp.get("win_rate_per_group"):
+        series_wr = {lab: {g: v.get(lab) for g, v in comp["win_rate_per_group"].items()} for lab in comp["win_rate"]}
+        pngs.append(plots.grouped_bars(series_wr, out / "plots" / "win_rate_per_group.png",
+                                       "win rate against each run's baseline, per group", "win rate", (0, 1.05),
+                                       hlines={"no difference": 0.5}))
     lines = ["# Comparison", "", "Runs: " + ", ".join(f"`{r['label']}` ({r['route']}, {r['user_model']})"
+                                                         if r["route"] else f"`{r['label']}` (win rates only)"
                                                          for r in comp["runs"]), "",
              "## Accuracy per group (held-out pairs)", ""]
     if comp["per_group_accuracy"]:
@@ -151,6 +230,7 @@ def write_report(comp: dict, out: Path) -> Path:
         lines += _md_table(comp["per_group_mean_margin"], labels, "group") + [""]
     lines += ["## Accuracy per user", ""]
     lines += _md_table(comp["per_user_accuracy"], labels, "user")
+    lines += _win_rate_section(comp)
     if comp["response_words_by_group"]:
         cols = sorted({c for v in comp["response_words_by_group"].values() for c in v})
         lines += ["", "## Mean response length (words, greedy, held-out prompts)", ""]

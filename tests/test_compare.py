@@ -95,3 +95,54 @@ def test_generation_statistics_per_group_share_one_rule():
     # a user without a group is in the per-user table only; the generic user and the reference stand alone
     assert _mean_by_group(per_label, groups) == {"majority": 15.0, "minority": 4.0, "<generic>": 12.0,
                                                  "<reference>": 9.0}
+
+
+def write_winrate(folder, per_group, baseline="runs/sft", judge="length:prefer_short=u2"):
+    """A winrate.json (pipelines.winrate's schema) with {group: (win, tie, loss, ci95)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def row(win, tie, loss, ci):
+        n = win + tie + loss
+        return {"win": win, "tie": tie, "loss": loss, "n": n, "win_rate": (win + tie / 2) / n, "ci95": ci}
+
+    groups = {g: row(*v) for g, v in per_group.items()}
+    total = [sum(v[i] for v in per_group.values()) for i in range(3)]
+    w = {"run": str(folder.parent), "baseline": baseline, "judge": judge, "n": sum(total), "per_user": {},
+         "per_group": groups, "overall": row(*total, None), "position_consistency": None}
+    (folder / "winrate.json").write_text(json.dumps(w))
+    return folder
+
+
+def test_win_rates_join_the_comparison_by_convention(tmp_path):
+    pdpo = write_run(tmp_path / "pdpo", "dpo", {"u1": ("majority", 1.0), "u2": ("minority", 1.0)})
+    write_winrate(pdpo / "winrate", {"majority": (3, 1, 0, [0.6, 1.0]), "minority": (7, 1, 0, [0.8, 1.0])})
+    ppo = write_run(tmp_path / "ppo", "ppo", {"u1": ("majority", 1.0)})
+    (ppo / "run.json").write_text(json.dumps({"stage": "train_ppo", "route": "ppo"}))
+    evaluation = write_run(ppo / "eval", "ppo", {"u1": ("majority", 0.5)})  # an evaluate output inside the run
+    write_winrate(ppo / "winrate", {"minority": (1, 0, 3, [0.0, 0.6])}, judge="rm:runs/rm")
+    direct = write_winrate(tmp_path / "other" / "wr", {"majority": (0, 2, 0, [0.5, 0.5])})  # given on its own
+    plain = write_run(tmp_path / "rm", "rm", {"u1": ("majority", 1.0)})
+    comp = compare([pdpo, evaluation, direct, plain], tmp_path / "out")
+    assert comp["win_rate_per_group"]["minority"] == {"pdpo": 0.9375, "eval": 0.25}
+    assert comp["win_rate_per_group"]["majority"] == {"pdpo": 0.875, "wr": 0.5}
+    assert comp["win_rate"]["eval"]["judge"] == "rm:runs/rm"
+    assert comp["win_rate"]["eval"]["source"] == str(ppo / "winrate" / "winrate.json")
+    assert "rm" not in comp["win_rate"]  # a run without win rates keeps its columns, and gets none here
+    assert "wr" not in comp["cost"] and list(comp["generic_accuracy"]) == ["pdpo", "eval", "rm"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Win rate against a baseline" in report
+    assert "| minority | 0.938 [0.80, 1.00] | 0.250 [0.00, 0.60] | - |" in report
+    assert "`wr` (win rates only)" in report and "judge `rm:runs/rm`" in report
+    assert (tmp_path / "out" / "plots" / "win_rate_per_group.png").exists()
+    saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert saved["win_rate_per_group"] == comp["win_rate_per_group"]
+
+
+def test_no_win_rates_no_section_and_empty_folders_still_fail(tmp_path, capsys):
+    a = write_run(tmp_path / "a", "rm", {"u1": ("majority", 1.0)})
+    comp = compare([a], tmp_path / "out")
+    assert comp["win_rate"] == {} and comp["win_rate_per_group"] == {}
+    assert "Win rate" not in (tmp_path / "out" / "report.md").read_text()
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "out2")]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
