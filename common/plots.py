@@ -79,8 +79,17 @@ def grouped_bars(series: dict[str, dict[str, float]], path: Path, title: str, yl
 
 
 def training_curve(history: list[dict], path: Path, title: str, key: str = "loss") -> Path:
+    """The training loss per logged step and, where the history has them, the held-out loss of each evaluation
+    (`eval/loss`, with the best one marked): the learning curve."""
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([h["step"] for h in history], [h[key] for h in history], marker=".")
+    train = [h for h in history if key in h]
+    ax.plot([h["step"] for h in train], [h[key] for h in train], marker=".", label=f"train {key}")
+    held = [h for h in history if "eval/loss" in h]
+    if held:
+        ax.plot([h["step"] for h in held], [h["eval/loss"] for h in held], marker="o", label="held-out loss")
+        best = min(held, key=lambda h: h["eval/loss"])
+        ax.scatter([best["step"]], [best["eval/loss"]], s=80, facecolors="none", edgecolors="k", label="best")
+        ax.legend(fontsize=7)
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.set_title(title)
@@ -99,4 +108,29 @@ def per_user_lines(series: dict[str, list[tuple[float, float]]], path: Path, tit
     ax.set_title(title)
     if len(series) <= 12:
         ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path)
+
+
+def win_rate_per_user(per_user: dict[str, dict], path: Path, title: str) -> Path:
+    """per_user: winrate.json's rows ({user: {"win_rate", "ci95", "group", ...}}), one bar per user in natural
+    order, coloured by group, with its 95% interval and a dashed line at 0.5 (no difference to the baseline)."""
+    users = sorted(per_user, key=natural_key)
+    rates = [per_user[u]["win_rate"] for u in users]
+    colours = [GROUP_COLOURS.get(per_user[u].get("group"), "#55A868") for u in users]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(users) + 2), 3.5))
+    _bars(ax, range(len(users)), rates, color=colours)
+    for x, u in enumerate(users):
+        ci, rate = per_user[u].get("ci95"), per_user[u]["win_rate"]
+        if ci and rate is not None:
+            ax.errorbar(x, rate, yerr=[[rate - ci[0]], [ci[1] - rate]], fmt="none", ecolor="k", capsize=3, lw=1)
+    ax.axhline(0.5, ls="--", color="k", lw=1)
+    for group, colour in GROUP_COLOURS.items():  # a legend entry per group present
+        if group is not None and any(per_user[u].get("group") == group for u in users):
+            ax.bar([0], [0], color=colour, label=group, width=0)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xticks(range(len(users)), users, rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("win rate (ties count half)")
+    ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
