@@ -1,4 +1,5 @@
-"""P-DPO training: cached reference log-probs, one concatenated policy forward per step, on `common.trainer`."""
+"""P-DPO training: cached reference log-probs, batches of pairs -> `policy.dpo_objective.pdpo_objective`, on
+`common.trainer`."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from common import dist
-from common.batching import EncodedPair, collate_pairs, concat_batches
+from common.batching import EncodedPair, collate_pairs
 from common.config import Config
 from common.trainer import TrainLoop, batch_indices, drop_to_generic, param_groups
-from policy.dpo_loss import personalized_dpo_loss, stochastic_dpo_loss, stochastic_generic_mask
+from policy.dpo_objective import pdpo_objective
 from policy.model import PersonalizedPolicy
 from policy.scoring import pair_logps
 
@@ -68,45 +69,13 @@ class PersonalizedDPOTrainer:
         self.loop = TrainLoop(cfg, run_dir, policy, param_groups(policy.backbone, cfg, []), self.loss,
                               eval_fn=eval_fn, tracker=tracker, desc="train_pdpo")
 
-    def loss(self, step: int, micro: int):
-        cfg, tr, lc = self.cfg, self.cfg.train, self.cfg.loss
+    def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        cfg, tr = self.cfg, self.cfg.train
         idx = batch_indices(len(self.pairs), tr.batch_size, cfg.seed, step, micro, tr.grad_accum)
-        chunk = [self.pairs[i] for i in idx]
-        B = len(chunk)
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step * 131 + micro)
-        batch = collate_pairs(chunk, self.pad_id)
-        users = drop_to_generic(batch["user_idx"][:B], cfg.user_model.dropout_to_generic, g)
-        ref_w, ref_l = self.ref_chosen[idx].to(self.device), self.ref_rejected[idx].to(self.device)
-        nll = dict(nll_weight=lc.nll_weight, chosen_tokens=(batch["labels"][:B] != -100).sum(1).to(self.device))
-        alpha = lc.alpha
-        if self.policy.user_model.kind == "uniform":
-            alpha = 1.0  # every user is the generic user: both terms are the same loss, compute it once
-        if lc.estimator == "stochastic" and 0 < alpha < 1:
-            users = torch.where(stochastic_generic_mask(B, alpha, g), torch.zeros_like(users), users)
-            batch["user_idx"] = users.repeat(2)
-            lp = self.policy.sequence_logps(_to(batch, self.device))
-            loss, stats = stochastic_dpo_loss(lp[:B], lp[B:], ref_w, ref_l, lc.beta, lc.loss_type, lc.label_smoothing,
-                                              **nll)
-            n_rows = 2 * B
-        elif alpha >= 1.0 or alpha <= 0.0:
-            batch["user_idx"] = (users if alpha >= 1.0 else torch.zeros_like(users)).repeat(2)
-            lp = self.policy.sequence_logps(_to(batch, self.device))
-            loss, stats = personalized_dpo_loss(lp[:B], lp[B:], None, None, ref_w, ref_l, 1.0, lc.beta,
-                                                lc.loss_type, lc.label_smoothing, **nll)
-            n_rows = 2 * B
-        else:
-            batch["user_idx"] = users.repeat(2)
-            both = concat_batches(batch, {**batch, "user_idx": torch.zeros_like(batch["user_idx"])}, self.pad_id)
-            lp = self.policy.sequence_logps(_to(both, self.device))  # [user w, user l, generic w, generic l]
-            loss, stats = personalized_dpo_loss(lp[:B], lp[B:2 * B], lp[2 * B:3 * B], lp[3 * B:], ref_w, ref_l,
-                                                alpha, lc.beta, lc.loss_type, lc.label_smoothing, **nll)
-            n_rows = 4 * B
-        stats["tokens"] = int(batch["attention_mask"].sum()) * n_rows // (2 * B)
-        return loss, stats
+        batch = collate_pairs([self.pairs[i] for i in idx], self.pad_id)
+        users = drop_to_generic(batch["user_idx"][:len(idx)], cfg.user_model.dropout_to_generic, g)
+        return pdpo_objective(self.policy, batch, users, self.ref_chosen[idx], self.ref_rejected[idx], cfg.loss, g)
 
     def train(self) -> dict:
         return self.loop.run()
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}

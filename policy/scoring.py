@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from common.batching import EncodedPair, collate_pairs, unique_pairs
+from policy.dpo_loss import dpo_margins
 
 
 @torch.no_grad()
@@ -44,5 +45,5 @@ def _pair_logps(policy, pairs: list[EncodedPair], pad_id: int, batch_size: int, 
 
 
 def implicit_reward_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> torch.Tensor:
-    """beta * [log pi/pi_ref (y_w) - log pi/pi_ref (y_l)]: the DPO route's reward margin."""
-    return beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    """beta * [log pi/pi_ref (y_w) - log pi/pi_ref (y_l)]: a policy route's reward margin (beta: `route_beta`)."""
+    return beta * dpo_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected)

@@ -4,6 +4,7 @@ users are refused without --overwrite, and a minority-like new user gains held-o
 Runs are trained once per module with a handful of steps on tiny-random; every test that writes works on a copy.
 """
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -274,14 +275,93 @@ def test_a_save_stopped_between_its_renames_leaves_a_loadable_run(rm_run, tmp_pa
 
 
 def test_out_copy_waits_for_no_writer_and_skips_leftovers(rm_run, tmp_path):
-    from pipelines.adapt_user import AdaptError, _run_lock, adapt_user
+    from pipelines.adapt_user import AdaptError, adapt_user, run_lock
 
     src, new_file, _ = rm_run
     run_dir = _copy(src, tmp_path / "run")
     (run_dir / "checkpoint" / ".tmp-adapt-999").mkdir()  # what a killed in-place adapt_user leaves
-    with _run_lock(run_dir):  # an in-place adapt_user is saving: the copy must not read the folder now
+    with run_lock(run_dir):  # an in-place adapt_user is saving: the copy must not read the folder now
         with pytest.raises(AdaptError, match="another adapt_user"):
             adapt_user(run_dir, new_file, "new", steps=2, out=tmp_path / "copy")
     assert not (tmp_path / "copy").exists()
     adapt_user(run_dir, new_file, "new", steps=2, out=tmp_path / "copy")
     assert not list((tmp_path / "copy" / "checkpoint").glob(".tmp-*"))
+
+
+# ------------------------------------------------------------------------------------- library API (live onboarding)
+
+
+def test_library_adapt_user_with_a_kept_adapter_sees_other_writers(rm_run, tmp_path):
+    """A server keeps one RunAdapter and onboards users from records; between its calls another writer (the CLI)
+    adds a user. Each call re-reads the run's users under the lock: indices follow on, nobody's row is lost."""
+    from common.run_users import RunAdapter
+    from common.run_users import adapt_user as onboard
+    from pipelines.adapt_user import adapt_user
+    from preference_data import load_records
+
+    src, new_file, _ = rm_run
+    run_dir = _copy(src, tmp_path / "run")
+    m = len(json.loads((run_dir / "users.json").read_text())["users"])
+    records = load_records(new_file)  # user_id "new" on every record: used whatever the id they are fitted as
+    adapter = RunAdapter(run_dir)
+    s1 = onboard(run_dir, records, "new", steps=3, adapter=adapter)
+    assert s1["index"] == m + 1 and s1["k"] == 8 and s1["data"] == "<records>"
+    no_ids = [dataclasses.replace(r, user_id=None) for r in records]
+    adapt_user(run_dir, no_ids, "cli_user", steps=3)  # another writer, its own load of the run
+    rows_before = load_file(str(run_dir / "checkpoint" / "user_model.safetensors"))["implicit.offsets.weight"]
+    s3 = onboard(run_dir, no_ids, "live_user", steps=3, adapter=adapter)
+    assert s3["index"] == m + 3
+    users = json.loads((run_dir / "users.json").read_text())["users"]
+    assert [users[u] for u in ("new", "cli_user", "live_user")] == [m + 1, m + 2, m + 3]
+    rows = load_file(str(run_dir / "checkpoint" / "user_model.safetensors"))["implicit.offsets.weight"]
+    assert torch.equal(rows[: m + 3], rows_before)  # the CLI's user (and every other) kept, bit for bit
+    with pytest.raises(AdaptationError, match="already exists"):
+        onboard(run_dir, no_ids, "live_user", steps=1, adapter=adapter)
+    with pytest.raises(ValueError, match="not of"):
+        onboard(src, no_ids, "x", steps=1, adapter=adapter)
+
+
+def test_run_lock_excludes_other_threads_and_waits_when_asked(tmp_path):
+    import threading
+    import time
+
+    from common.run_users import AdaptError, run_lock
+
+    outcome = {}
+
+    def other(timeout, key):
+        try:
+            with run_lock(tmp_path, timeout=timeout):
+                outcome[key] = time.monotonic()
+        except AdaptError as exc:
+            outcome[key] = exc
+
+    with run_lock(tmp_path):
+        t = threading.Thread(target=other, args=(0.0, "at_once"))
+        t.start()
+        t.join()
+        waiter = threading.Thread(target=other, args=(30.0, "waits"))
+        waiter.start()
+        time.sleep(0.3)
+        released = time.monotonic()
+    waiter.join()
+    assert isinstance(outcome["at_once"], AdaptError) and "another adapt_user" in str(outcome["at_once"])
+    assert outcome["waits"] >= released  # it got the lock, once the holder let go
+
+
+def test_the_stage_holds_no_loss_or_margin_math():
+    """pipelines/adapt_user.py wires the stage; the objective and the margins are the routes' own (issue 24): its
+    code names no loss, score or margin function and no loss setting."""
+    import ast
+
+    import pipelines.adapt_user as stage
+
+    tree = ast.parse(open(stage.__file__).read())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    banned = {"bt_loss", "personalized_bt_loss", "preference_loss", "dpo_margins", "personalized_dpo_loss",
+              "stochastic_dpo_loss", "logsigmoid", "softplus", "sequence_logps", "reference_logps", "pair_logps",
+              "pair_rewards", "implicit_reward_margins", "reward_margins", "rm_objective", "pdpo_objective", "beta",
+              "kl_coef", "alpha", "nll_weight", "label_smoothing", "loss"}
+    assert not names & banned

@@ -12,7 +12,8 @@ into the table (no grad), runs the caller's loss closure, copies the table gradi
 steps Adam on the leaf alone. Other rows, e_0 / the centres, and every module passed in `freeze` are therefore
 never written: their values stay bit-identical, whatever Adam's momentum does (and this is checked at the end).
 
-Nothing here knows about files, runs or routes; `pipelines.adapt_user` wires those.
+Nothing here knows about files, runs, routes or losses: the caller brings the loss as a closure
+(`common.run_users` builds one from a run's own training objective; `pipelines.adapt_user` is the CLI).
 """
 
 from __future__ import annotations
