@@ -29,6 +29,7 @@ class BenchArgs:
     model: str = "tiny-random"
     device: str = "cpu"
     dtype: str = "float32"
+    dtypes: tuple[str, ...] | None = None  # several dtypes in one run: every impl in each (rows carry `dtype`)
     steps: int = 5
     warmup: int = 1
     batch: int | None = None  # each benchmark has its own default
@@ -53,6 +54,10 @@ class BenchArgs:
     max_gb: float | None = None
     bf16_fallback: bool = True
     seed: int = 0
+    # serve
+    serve_run: str | None = None  # a finished policy run to serve (None: an untrained P-DPO run of --model)
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    requests: int = 16
 
     def want(self, impl: str) -> bool:
         return not self.impls or impl in self.impls
@@ -151,7 +156,8 @@ def bench_config(a: BenchArgs, run_dir: str | Path, extra: dict[str, Any] | None
     """A validated project config for one benchmark implementation (built with the project's own loader)."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     values: dict[str, Any] = {
-        "model.name": a.model, "model.dtype": a.dtype, "train.device": a.device, "output_dir": str(run_dir),
+        "model.name": a.model, "model.dtype": "auto", "train.dtype": a.dtype, "train.device": a.device,
+        "output_dir": str(run_dir),
         "report_to": "none", "seed": a.seed, "train.batch_size": a.batch, "train.grad_accum": 1,
         "train.max_steps": a.warmup + a.steps, "train.lr": a.lr, "train.log_every": 10**6, "train.save_every": 0,
         "train.resume": "never", "train.eval_batch_size": a.batch,

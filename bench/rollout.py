@@ -135,7 +135,7 @@ def ppo_iteration_row(a: BenchArgs) -> dict[str, Any] | None:
                              device=device)
         phases: dict[str, float] = {}
         trainer.actor.generate = _timed(trainer.actor.generate, phases, "generate_s", device)
-        trainer.reward.score = _timed(trainer.reward.score, phases, "score_s", device)
+        trainer.reward.score_ids = _timed(trainer.reward.score_ids, phases, "score_s", device)
         trainer.reference.token_logps = _timed(trainer.reference.token_logps, phases, "reference_s", device)
         samples = []
         for it in range(a.warmup + a.steps):
@@ -169,10 +169,17 @@ def ppo_iteration_row(a: BenchArgs) -> dict[str, Any] | None:
 
 
 def run_ppo_rollout(a: BenchArgs) -> list[dict]:
+    """Every row in each of `a.dtypes` (or `a.dtype`), tagged with its dtype."""
+    from dataclasses import replace
+
     a.batch = a.batch or 16
-    rows = generation_rows(a)
-    if a.ppo_iteration and a.want("ppo_iteration"):
-        row = ppo_iteration_row(a)
-        if row is not None:
-            rows.append(row)
+    rows = []
+    for dtype in a.dtypes or [a.dtype]:
+        ad = replace(a, dtype=dtype)
+        part = generation_rows(ad)
+        if ad.ppo_iteration and ad.want("ppo_iteration"):
+            row = ppo_iteration_row(ad)
+            if row is not None:
+                part.append(row)
+        rows += [{**r, "dtype": dtype} for r in part]
     return rows

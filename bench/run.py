@@ -9,6 +9,8 @@ NAME:
                split of one PPO iteration (ppo_iteration: generate / score / reference / policy+value / train)
   user_scale   parameter + optimizer-state bytes and step time of the individual and cluster user models at
                10 .. 1M users, dense AdamW vs row-sparse optimizers; rows that do not fit are skipped with an estimate
+  serve        the OpenAI-compatible server (pipelines.serve) at 1, 4, 16 concurrent clients with mixed users: tokens/s
+               and p50/p95 latency, one request at a time (sequential) vs dynamic batching (batched)
 
 Writes {"name", "machine", "rows": [{"impl", ...}], ...} to --json and prints a table. See bench/RESULTS.md.
 """
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-NAMES = ("pdpo_step", "rm_step", "ppo_rollout", "user_scale")
+NAMES = ("pdpo_step", "rm_step", "ppo_rollout", "user_scale", "serve")
 
 TABLE_COLUMNS = {
     "pdpo_step": ["impl", "step_s", "vs_trl_dpo", "rows_per_step", "seq_len", "tokens", "tflops_per_s", "mfu",
@@ -34,6 +36,8 @@ TABLE_COLUMNS = {
                     "score_s", "reference_s", "policy_value_s", "train_s", "iteration_s", "response_tokens"],
     "user_scale": ["impl", "users", "kind", "optim", "dtype", "bytes", "gb", "step_s", "batch_rows", "changed_rows",
                    "skipped"],
+    "serve": ["impl", "concurrency", "requests", "tokens", "seconds", "tokens_per_s", "speedup", "p50_latency_s",
+              "p95_latency_s", "p50_ttft_s", "match_sequential"],
 }
 
 
@@ -53,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--json", default=None, help="write the result here (JSON)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="parameter/compute dtype of the LLM (TRL gets bf16=True on a GPU with bfloat16)")
+                   help="compute dtype of the LLM (train.dtype; a LoRA LLM is stored in it, trained parts stay "
+                        "float32); TRL gets the LLM in that dtype too (and bf16=True on a GPU)")
+    p.add_argument("--dtypes", default=None, metavar="D1,D2",
+                   help="pdpo_step, rm_step, ppo_rollout: run every impl in each of these dtypes in the same run "
+                        "(with --rounds the (impl, dtype) pairs rotate together); rows carry `dtype`, ratios to TRL "
+                        "are within a dtype")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--batch", type=int, default=None,
@@ -90,21 +99,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPU memory); larger ones are skipped with their estimate")
     g.add_argument("--no-bf16-fallback", action="store_true",
                    help="do not retry a float32 table that does not fit as bfloat16")
+    g = p.add_argument_group("serve (also: --batch = the server's max batch, 16; --max-new-tokens per request)")
+    g.add_argument("--run", default=None,
+                   help="serve this finished policy run (default: an untrained P-DPO run of --model, --n-users users)")
+    g.add_argument("--concurrency", default="1,4,16", help="comma-separated numbers of concurrent clients")
+    g.add_argument("--requests", type=int, default=16, help="requests answered per concurrency level and impl")
     return p
+
+
+def _dtypes(text: str) -> tuple[str, ...]:
+    out = _strs(text)
+    bad = [d for d in out if d not in ("float32", "bfloat16")]
+    if bad or not out:
+        raise SystemExit(f"--dtypes: expected float32 and/or bfloat16, got {text!r}")
+    return out
 
 
 def args_from_cli(ns: argparse.Namespace):
     from bench.common import BenchArgs
 
     n_tokens = ns.n_tokens if ns.n_tokens is not None else (10 if ns.name == "user_scale" else None)
-    return BenchArgs(
+    a = BenchArgs(
         name=ns.name, model=ns.model, device=ns.device, dtype=ns.dtype, steps=ns.steps, warmup=ns.warmup,
+        dtypes=_dtypes(ns.dtypes) if ns.dtypes else None,
         batch=ns.batch, prompt_len=ns.prompt_len, response_len=ns.response_len, n_users=ns.n_users,
         n_tokens=n_tokens, lr=ns.lr, peak_tflops=ns.peak_tflops, threads=ns.threads,
         impls=list(_strs(ns.impls)) if ns.impls else None, rounds=ns.rounds, max_new_tokens=ns.max_new_tokens,
         sample=ns.sample,
         ppo_iteration=not ns.no_ppo_iteration, users=_ints(ns.users), dim=ns.dim, clusters=ns.clusters,
-        optims=_strs(ns.optims), max_gb=ns.max_gb, bf16_fallback=not ns.no_bf16_fallback, seed=ns.seed)
+        optims=_strs(ns.optims), max_gb=ns.max_gb, bf16_fallback=not ns.no_bf16_fallback, seed=ns.seed,
+        serve_run=ns.run, concurrency=_ints(ns.concurrency), requests=ns.requests)
+    return a
 
 
 def run_benchmark(a) -> dict:
@@ -135,6 +160,8 @@ def _run(a) -> dict:
         from bench.train_steps import run_rm_step as fn
     elif a.name == "ppo_rollout":
         from bench.rollout import run_ppo_rollout as fn
+    elif a.name == "serve":
+        from bench.serve import run_serve as fn
     else:
         from bench.user_scale import run_user_scale as fn
     rows = fn(a)
@@ -142,7 +169,7 @@ def _run(a) -> dict:
     settings["torch_threads"] = torch.get_num_threads()
     settings["env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES")}
     return {"name": a.name, "machine": machine_info(a.device), "device": a.device, "model": a.model,
-            "dtype": a.dtype, "versions": versions(), "settings": settings,
+            "dtype": ",".join(a.dtypes) if a.dtypes else a.dtype, "versions": versions(), "settings": settings,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": time.time() - t0, "rows": rows}
 
 
@@ -158,6 +185,8 @@ def main(argv=None) -> int:
 
     print(f"# {result['name']} | {result['model']} | {result['device']} {result['dtype']} | {result['machine']}")
     cols = [c for c in TABLE_COLUMNS[a.name] if any(c in r for r in result["rows"])]
+    if any("dtype" in r for r in result["rows"]):
+        cols.insert(1, "dtype")
     print(format_table(result["rows"], cols))
     if ns.json:
         path = Path(ns.json)

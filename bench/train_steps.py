@@ -251,8 +251,10 @@ def trl_rm(a: BenchArgs, pairs, tmp: Path, n_params: int) -> dict[str, Any]:
 
 
 def _add_ratios(rows: list[dict], baseline: str) -> None:
-    base = next((r["step_s"] for r in rows if r["impl"] == baseline and r.get("step_s")), None)
+    """`vs_<baseline>`: each row's step time over the baseline's in the same dtype."""
     for r in rows:
+        base = next((b["step_s"] for b in rows if b["impl"] == baseline and b.get("step_s")
+                     and b.get("dtype") == r.get("dtype")), None)
         if base and r.get("step_s"):
             r[f"vs_{baseline}"] = r["step_s"] / base
 
@@ -262,27 +264,34 @@ def _n_pairs(a: BenchArgs) -> int:
 
 
 def _run_step_bench(a: BenchArgs, tag: str, baseline: str, trl_fn, ours_fn, ours_impls: tuple[str, ...]) -> list[dict]:
-    """TRL's trainer and ours on the same synthetic pairs, one row per requested impl, ratios to TRL.
+    """TRL's trainer and ours on the same synthetic pairs, one row per requested impl (and dtype, with
+    `a.dtypes`), ratios to TRL in the same dtype.
 
-    With `a.rounds` > 1 every impl runs once per round and round r starts at impl r of the list, so each impl takes
-    each place in the order; a row then pools the timed steps of all its rounds (`round_step_s`: each round's
-    median). On a small CPU the place in the order moves a step by ~10 % (allocator and cache state left behind by
-    the previous, heavier impl), as much as the differences being measured."""
+    With `a.rounds` > 1 every (impl, dtype) runs once per round and round r starts at pair r of the list, so each
+    takes each place in the order; a row then pools the timed steps of all its rounds (`round_step_s`: each
+    round's median). On a small CPU the place in the order moves a step by ~10 % (allocator and cache state left
+    behind by the previous, heavier impl), as much as the differences being measured."""
+    from dataclasses import replace
+
     a.batch = a.batch or 8
     tok, n_params = model_meta(a.model)
     pairs = synthetic_pairs(tok, _n_pairs(a), a.prompt_len, a.response_len, a.n_users, a.seed)
     impls = [i for i in (baseline, *ours_impls) if a.want(i)]
     if not impls:
         return []
-    runs: dict[str, list[dict]] = {i: [] for i in impls}
+    dtypes = list(a.dtypes or [a.dtype])
+    keys = [(i, d) for d in dtypes for i in impls]
+    runs: dict[tuple[str, str], list[dict]] = {k: [] for k in keys}
     with run_tmpdir(tag) as tmp:
         for r in range(a.rounds):
-            shift = r % len(impls)
-            for impl in impls[shift:] + impls[:shift]:
-                out = Path(tmp) / f"round{r}"
-                runs[impl].append(trl_fn(a, pairs, out, n_params) if impl == baseline
-                                  else ours_fn(impl, a, pairs, out, n_params))
-    rows = [_pool_rounds(runs[i], n_params, a) for i in impls]
+            shift = r % len(keys)
+            for impl, dtype in keys[shift:] + keys[:shift]:
+                ad = replace(a, dtype=dtype)
+                out = Path(tmp) / f"round{r}-{dtype}"
+                row = (trl_fn(ad, pairs, out, n_params) if impl == baseline
+                       else ours_fn(impl, ad, pairs, out, n_params))
+                runs[(impl, dtype)].append({**row, "dtype": dtype})
+    rows = [_pool_rounds(runs[k], n_params, a) for k in keys]
     _add_ratios(rows, baseline)
     return rows
 

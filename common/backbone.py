@@ -49,15 +49,25 @@ class PersonalizedBackbone(nn.Module):
     """`hidden_states(batch, ...)`: the decoder's last hidden states of [user prefix, tokens].
 
     `causal_lm` is either a PEFT model (LoRA) or a plain causal LM. The reference policy pi_SFT(y|x) is this model
-    with adapters disabled and *no* user prefix (seed eq. P-DPO); `reference()` gives that context.
+    with adapters disabled and the user-agnostic `reference_prefix` (seed eq. P-DPO): the soft prompt `train_sft`
+    trained for its generic user, or no prefix at all when the stage did not start from such an SFT run.
+    `reference()` gives the reference's LM; `hidden_states(..., reference=True)` its inputs.
+
+    A policy stage starts its generic embedding e_0 at `reference_prefix` and its adapters at zero, so that before
+    its first update it *is* pi_SFT (KL 0 on PPO's first rollout, zero DPO margins on the first step).
     """
 
-    def __init__(self, causal_lm, user_model: UserModel):
+    def __init__(self, causal_lm, user_model: UserModel, reference_prefix: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype = torch.float32):
         super().__init__()
+        self.compute_dtype = compute_dtype  # see common.precision
         self.lm = causal_lm
         self.user_model = user_model
         self.is_peft = hasattr(causal_lm, "disable_adapter")
         self._frozen_reference = None
+        # [T_u, d], frozen; not in state_dict: it is rebuilt from model.sft_run or read from the run's checkpoint/
+        self.register_buffer("reference_prefix", None if reference_prefix is None else reference_prefix.detach().clone(),
+                             persistent=False)
 
     # -- parts of the wrapped model
     @property
@@ -102,25 +112,42 @@ class PersonalizedBackbone(nn.Module):
         else:
             yield self.base_lm
 
+    def autocast(self):
+        """Autocast to the compute dtype on the LLM's device (nothing in float32)."""
+        from common.precision import autocast
+
+        return autocast(next(self.lm.parameters()).device, self.compute_dtype)
+
     # -- forward
     def prefixed_inputs(self, input_ids, attention_mask, user_idx, text_ids=None, text_mask=None, labels=None,
-                        padding_side: str = "right", use_prefix: bool = True, lm=None) -> PrefixedInputs:
+                        padding_side: str = "right", use_prefix: bool = True, lm=None,
+                        reference: bool = False) -> PrefixedInputs:
+        """[prefix, tokens] inputs: each row's user prefix, or with `reference=True` the reference prefix (the same
+        for every row; none if the backbone has none), or with `use_prefix=False` none."""
         lm = lm if lm is not None else self.base_lm
         embed = lm.get_input_embeddings()
         token_embeds = embed(input_ids)
-        if not use_prefix:
+        if reference and self.reference_prefix is not None:
+            prefix = self.reference_prefix.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
+            mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+            return prepend_prefix(prefix, mask, token_embeds, attention_mask, labels, padding_side)
+        if reference or not use_prefix:
             position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
             return PrefixedInputs(token_embeds, attention_mask, position_ids, labels, 0)
         prefix = self.user_model(user_idx, text_ids, text_mask, embed_tokens=embed)
         return prepend_prefix(prefix.embeds, prefix.mask, token_embeds, attention_mask, labels, padding_side)
 
-    def hidden_states(self, batch: dict, use_prefix: bool = True, lm=None) -> tuple[torch.Tensor, PrefixedInputs]:
+    def hidden_states(self, batch: dict, use_prefix: bool = True, lm=None,
+                      reference: bool = False) -> tuple[torch.Tensor, PrefixedInputs]:
+        """Last hidden states of the batch. `reference=True` lays out the reference's inputs; call it with the LM
+        of `reference()` (adapters off) to run pi_SFT."""
         lm = lm if lm is not None else self.base_lm
-        inputs = self.prefixed_inputs(batch["input_ids"], batch["attention_mask"], batch["user_idx"],
-                                      batch.get("text_ids"), batch.get("text_mask"), batch.get("labels"),
-                                      use_prefix=use_prefix, lm=lm)
-        out = lm.model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                       position_ids=inputs.position_ids, use_cache=False)
+        with self.autocast():
+            inputs = self.prefixed_inputs(batch["input_ids"], batch["attention_mask"], batch["user_idx"],
+                                          batch.get("text_ids"), batch.get("text_mask"), batch.get("labels"),
+                                          use_prefix=use_prefix, lm=lm, reference=reference)
+            out = lm.model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                           position_ids=inputs.position_ids, use_cache=False)
         return out.last_hidden_state, inputs
 
     # -- save / load of the trainable LLM part

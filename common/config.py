@@ -34,7 +34,9 @@ def _f(default: Any, help: str, **kw):
 @dataclass
 class ModelConfig:
     name: str = _f("tiny-random", "`smollm2-135m` (embedded GGUF), `tiny-random` (tests), a local folder or a hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter/compute dtype of the LLM")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "storage dtype of the LLM's weights. auto: train.dtype's for a LoRA or frozen LLM (its weights never "
+        "change), float32 for a full fine-tune (master weights; autocast computes in train.dtype)")
     finetune: Literal["lora", "full", "frozen"] = _f(
         "lora", "how the LLM is trained: LoRA adapters, full fine-tune, or frozen (only user model + head learn)")
     lora_r: int = _f(8, "LoRA rank")
@@ -90,6 +92,10 @@ class UserModelConfig:
     dropout_to_generic: float = _f(0.0, "probability of replacing a seen user by the generic user in training")
     sparse: bool = _f(False, "sparse gradients for the user table with a row-wise AdaGrad: a step touches only the "
                       "batch's rows and keeps one state float per user (for very many users; not with DeepSpeed)")
+    table_optimizer: Literal["lazy_adamw", "adamw"] = _f(
+        "lazy_adamw", "optimizer of the per-user table (o_i, cluster logits a_i) when not sparse: lazy_adamw moves "
+        "only the rows of the batch's users (an element with a zero gradient keeps its value, moments and step "
+        "count); adamw is dense AdamW, under which absent users keep moving on stale moments (the old behaviour)")
 
 
 @dataclass
@@ -113,17 +119,29 @@ class TrainConfig:
     batch_size: int = _f(8, "comparisons (pairs) per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(1e-4, "learning rate of LLM adapters and heads")
+    optimizer: Literal["adamw", "sgd"] = _f(
+        "adamw", "adamw (user tables: see user_model.table_optimizer) or plain SGD without momentum for every "
+        "parameter (its update is linear in the gradient: used to check that process layouts give the same steps)")
     weight_decay: float = _f(0.0, "AdamW weight decay (never applied to the user model)")
     warmup_steps: int = _f(0, "linear warm-up steps")
     lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "schedule after warm-up")
     max_grad_norm: float = _f(1.0, "gradient clipping (0 disables)")
     log_every: int = _f(5, "log training metrics every N steps")
     eval_every: int = _f(0, "evaluate on data.eval_path every N steps (0: only at the end)")
+    early_stopping_patience: int = _f(
+        0, "train_rm / train_pdpo: stop when the held-out loss (the training objective on data.eval_path, every "
+        "train.eval_every steps) has not improved for this many evaluations, and keep the weights of the best one "
+        "(0: off; train.max_steps is then the budget, not the plan)")
+    early_stopping_min_delta: float = _f(0.0, "smallest decrease of the held-out loss that counts as improving")
     save_every: int = _f(0, "write a resumable checkpoint every N steps (0: never)")
     keep_last: int = _f(2, "resumable checkpoints kept (older ones pruned)")
     resume: Literal["auto", "never"] = _f("auto", "auto: continue from the newest complete checkpoint")
     deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); null: plain torch")
     device: str = _f("auto", "`auto` (cuda if available), `cpu` or `cuda`")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "compute dtype of the LLM (with model.dtype=auto also its storage). auto: bfloat16 where the device "
+        "has native bf16 matrix instructions (CPU: AVX512-BF16 or AMX; GPU: bf16 support), else float32. What is "
+        "trained stays float32 (LoRA, user model, heads)")
     eval_batch_size: int = _f(16, "pairs per batch when scoring held-out data")
     num_threads: int = _f(0, "torch CPU threads (0: torch default)")
 
@@ -135,11 +153,13 @@ class PPOConfig:
     minibatch_size: int = _f(8, "samples per PPO gradient step")
     ppo_epochs: int = _f(2, "passes over each rollout batch")
     generic_user_share: float = _f(0.2, "share of rollout samples generated for the generic user 0")
-    init_user_model: Literal["fresh", "rm"] = _f(
-        "fresh", "start of the actor's user model: fresh (every user at the generic embedding, as in train_rm) or rm "
-        "(the RM's trained per-user parameters, o_i or the cluster logits a_i, times ppo.init_user_model_scale; the "
-        "shared part keeps the actor's own init): users the RM found alike start alike, so the shared LoRA can serve "
-        "a whole group from the start; needs the same user_model.kind and n_tokens as the RM run")
+    init_user_model: Literal["fresh", "rm", "rm_gated"] = _f(
+        "fresh", "start of the actor's user model: fresh (every user at the generic embedding, as in train_rm); "
+        "rm_gated (each user's offset is the RM's trained row times a learned scalar gate that starts at 0: the "
+        "actor starts exactly at pi_SFT and PPO learns one number per user along the direction the RM found for "
+        "that user; individual user models); or rm (the RM's trained per-user parameters, o_i or the cluster "
+        "logits a_i, times ppo.init_user_model_scale: the actor no longer starts at pi_SFT). rm and rm_gated need "
+        "the same user_model.kind and n_tokens as the RM run")
     init_user_model_scale: float = _f(
         0.3, "with ppo.init_user_model=rm: factor on the copied per-user parameters. The RM's embeddings are tuned "
         "for the RM's LoRA; at full size they derail the actor's generation (sequence KL ~30 at the first rollout "
@@ -164,13 +184,22 @@ class PPOConfig:
     gamma: float = _f(1.0, "discount")
     lam: float = _f(0.95, "GAE lambda")
     clip_range: float = _f(0.2, "policy ratio clip")
+    loss_aggregation: Literal["token", "sequence"] = _f(
+        "token", "how the clipped surrogate averages: token (every real token of the minibatch weighs the same, as "
+        "TRL and OpenRLHF) or sequence (each sample's token mean, then the samples: a short answer's few tokens, its "
+        "EOS among them, weigh as much as a long answer's many, which is where a length preference is decided)")
     clip_range_value: float = _f(0.2, "value clip")
     vf_coef: float = _f(0.5, "value loss weight")
-    whiten_advantages: bool = _f(True, "normalise advantages per rollout batch")
+    whiten_advantages: Optional[bool] = _f(
+        None, "whiten advantages over the rollout batch (token-level mean and std); null: on for gae (as TRL's PPO), "
+        "off for rloo (as TRL's RLOO and OpenRLHF: the leave-one-out baseline is the only normalisation, and a "
+        "token-weighted batch mean would be set by the long answers, mostly the majority's)")
     missing_eos_penalty: Optional[float] = _f(None, "reward penalty for responses that hit max_new_tokens without EOS")
     critic: Literal["shared", "separate"] = _f("shared", "value head on the actor backbone, or a separate LoRA critic")
     reward_clip: float = _f(10.0, "clip RM scores to [-c, c]")
-    normalize_reward: bool = _f(True, "standardise RM scores (how: ppo.reward_baseline)")
+    normalize_reward: bool = _f(False, "standardise RM scores before the advantage (how: ppo.reward_baseline). Off "
+                                "by default: with rloo the leave-one-out baseline already removes each (prompt, "
+                                "user)'s offset, and scaling per user on top reweights users by the RM's certainty")
     reward_baseline: Literal["per_user", "group", "global"] = _f(
         "per_user", "per_user: centre each user's scores on that user's running mean (a BT reward is defined only "
         "up to a per-user shift) and scale by the running std; group: centre on the other samples of the same "
@@ -187,6 +216,9 @@ class EvalConfig:
     n_generation_prompts: int = _f(8, "held-out prompts generated per user for response-length statistics")
     max_new_tokens: int = _f(64, "greedy generation length limit in evaluation")
     generation_users: int = _f(0, "seen users generated for (0: all)")
+    max_response_length: Optional[int] = _f(
+        None, "held-out responses are scored whole (null: up to the model's context, whatever data.max_response_length "
+        "the run trained with); N truncates them to N tokens, and metrics.json says so (`scoring`)")
 
 
 @dataclass
@@ -423,6 +455,10 @@ def validate(cfg: Config) -> None:
     need(tr.keep_last >= 1, "train.keep_last", "must be >= 1")
     need(tr.log_every > 0, "train.log_every", "must be > 0")
     need(tr.eval_every >= 0, "train.eval_every", "must be >= 0 (0: at the end only)")
+    need(tr.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0: off)")
+    need(tr.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", "must be >= 0")
+    need(tr.early_stopping_patience == 0 or (tr.eval_every > 0 and d.eval_path), "train.early_stopping_patience",
+         "needs train.eval_every > 0 and data.eval_path (it stops on the held-out loss)")
     need(tr.eval_batch_size > 0, "train.eval_batch_size", "must be > 0")
     need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
@@ -454,6 +490,8 @@ def validate(cfg: Config) -> None:
     need(e.n_generation_prompts >= 0, "eval.n_generation_prompts", "must be >= 0 (0: no generation)")
     need(e.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
     need(e.generation_users >= 0, "eval.generation_users", "must be >= 0")
+    need(e.max_response_length is None or e.max_response_length > 0, "eval.max_response_length",
+         "must be > 0 or null (complete answers)")
     need(ppo.max_new_tokens > 0, "ppo.max_new_tokens", "must be > 0")
     need(0 <= ppo.min_new_tokens <= ppo.max_new_tokens, "ppo.min_new_tokens", "must be in [0, ppo.max_new_tokens]")
     need(ppo.samples_per_prompt >= 1 and ppo.rollout_batch_size % ppo.samples_per_prompt == 0,

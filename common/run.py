@@ -24,6 +24,16 @@ from user_models import build_user_model, load_user_model
 log = logging.getLogger(__name__)
 
 RUN_INFO = "run.json"
+STAGE_ROUTES = {"train_sft": "sft", "train_rm": "rm", "train_pdpo": "dpo", "train_ppo": "ppo"}
+REFERENCE_PREFIX = "reference_prefix.safetensors"  # in checkpoint/: the reference policy's soft prompt
+
+
+def run_route(info: dict) -> str:
+    """"sft", "rm", "dpo" or "ppo": the route of a finished run, from its run.json."""
+    route = info.get("route") or STAGE_ROUTES.get(info.get("stage"))
+    if route is None:
+        raise ValueError(f"run.json names no route and an unknown stage {info.get('stage')!r}")
+    return route
 
 
 def seed_everything(seed: int) -> None:
@@ -99,9 +109,21 @@ def load_data(cfg: Config, need_train: bool = True) -> Data:
     return Data(train, evals, vocab, report)
 
 
+def resolve_dtypes(cfg: Config) -> tuple[torch.dtype, torch.dtype]:
+    """(compute, storage) dtypes of the LLM for this config on its device (`train.dtype`, `model.dtype`)."""
+    from common import precision
+
+    compute = precision.compute_dtype(cfg.train.dtype, pick_device(cfg))
+    return compute, precision.storage_dtype(cfg.model.dtype, cfg.model.finetune, compute)
+
+
 def load_start_lm(cfg: Config):
     """(causal LM, tokenizer) a stage starts from: `model.name`, with the `model.sft_run` adapter merged in."""
-    lm, tokenizer = load_causal_lm(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision)
+    from common.precision import describe
+
+    _, storage = resolve_dtypes(cfg)
+    lm, tokenizer = load_causal_lm(cfg.model.name, describe(storage), cfg.model.trust_remote_code,
+                                   cfg.model.revision)
     if cfg.model.sft_run:
         lm = merge_sft_adapter(lm, Path(cfg.model.sft_run))
     return lm, tokenizer
@@ -136,24 +158,51 @@ def merge_sft_adapter(lm, sft_run: Path):
     return peft_model.merge_and_unload()
 
 
+def sft_reference_prefix(sft_run: str | Path | None) -> torch.Tensor | None:
+    """The generic user's soft prompt [T_u, d] of a train_sft run that trained one (run.json `reference_prefix`),
+    else None (no SFT run, or one from before SFT trained a prefix: its pi_SFT has no prefix)."""
+    if not sft_run:
+        return None
+    info = check_sft_run(Path(sft_run))
+    if not info.get("reference_prefix"):
+        return None
+    um = load_user_model(Path(sft_run) / "checkpoint")
+    with torch.no_grad():
+        return um(torch.zeros(1, dtype=torch.long)).embeds[0].float().clone()
+
+
 def build_backbone(cfg: Config, n_users: int, device: torch.device):
-    """(backbone, tokenizer): the causal LM with `model.finetune` applied and a fresh user model."""
+    """(backbone, tokenizer): the causal LM with `model.finetune` applied and a fresh user model.
+
+    From a `model.sft_run` with a soft prompt, every user starts at that prompt (individual: e_0 = it, o_i = 0;
+    cluster: every centre = it; uniform: it) and it is the reference's prefix: with the new adapters at zero, the
+    model starts exactly at pi_SFT."""
     lm, tokenizer = load_start_lm(cfg)
     embed = lm.get_input_embeddings()
     um = cfg.user_model
-    init = init_prefix_from_vocab(embed, um.n_tokens, cfg.seed)
-    if um.kind == "cluster":
-        # Distinct centres from the start (each from other real tokens, centre 0 = the shared start): with near-equal
-        # centres every mixture is the same prefix and the users' weights get no signal to separate them.
-        init = torch.stack([init] + [init_prefix_from_vocab(embed, um.n_tokens, cfg.seed + 1 + k)
-                                     for k in range(um.n_clusters - 1)])
+    init_std = um.init_std * float(embed.weight.detach().std())
+    reference_prefix = sft_reference_prefix(cfg.model.sft_run)
+    if reference_prefix is not None:
+        if tuple(reference_prefix.shape) != (um.n_tokens, embed.embedding_dim):
+            raise ConfigError(f"config key 'user_model.n_tokens' is {um.n_tokens}, but the soft prompt of "
+                              f"model.sft_run={cfg.model.sft_run} has {reference_prefix.shape[0]} tokens: set them "
+                              "equal, so that this stage starts at pi_SFT")
+        init = reference_prefix
+        if um.kind == "cluster":  # equal centres: every mixture is pi_SFT's prompt; the users' gradients split them
+            init, init_std = reference_prefix.expand(um.n_clusters, -1, -1).clone(), 0.0
+    else:
+        init = init_prefix_from_vocab(embed, um.n_tokens, cfg.seed)
+        if um.kind == "cluster":
+            # Distinct centres from the start (each from other real tokens, centre 0 = the shared start): with
+            # near-equal centres every mixture is the same prefix and the users' weights get no signal to separate.
+            init = torch.stack([init] + [init_prefix_from_vocab(embed, um.n_tokens, cfg.seed + 1 + k)
+                                         for k in range(um.n_clusters - 1)])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 17)
         user_model = build_user_model(um.kind, n_users, um.n_tokens, embed.embedding_dim, um.n_clusters,
-                                      um.use_text, init=init, init_std=um.init_std * float(embed.weight.detach().std()),
-                                      sparse=um.sparse)
+                                      um.use_text, init=init, init_std=init_std, sparse=um.sparse)
     lm = apply_finetune(lm, cfg.model)
-    backbone = PersonalizedBackbone(lm, user_model).to(device)
+    backbone = PersonalizedBackbone(lm, user_model, reference_prefix, compute_dtype=resolve_dtypes(cfg)[0]).to(device)
     backbone.keep_frozen_reference()
     return backbone, tokenizer
 
@@ -162,7 +211,11 @@ def write_run_info(run_dir: Path, cfg: Config, stage: str, backbone: Personalize
                    extra: dict | None = None) -> None:
     if not dist.is_main():
         return
+    from common.precision import describe
+
     info = {"stage": stage, "model_name": cfg.model.name, "model": model_fingerprint(backbone.base_lm),
+            "dtype": {"compute": describe(backbone.compute_dtype),
+                      "storage": describe(next(backbone.base_lm.parameters()).dtype)},
             "n_users": len(vocab), "user_model": backbone.user_model.describe(), **(extra or {})}
     tmp = run_dir / (RUN_INFO + ".tmp")
     tmp.write_text(json.dumps(info, indent=1))
@@ -184,6 +237,9 @@ def save_artifacts(run_dir: Path, backbone: PersonalizedBackbone, heads: dict[st
     tmp.mkdir(parents=True)
     backbone.user_model.save(tmp)
     backbone.save_llm(tmp)
+    if backbone.reference_prefix is not None:  # pi_SFT's soft prompt: the run's reference needs it
+        save_file({"prefix": backbone.reference_prefix.detach().float().contiguous().cpu()},
+                  str(tmp / REFERENCE_PREFIX))
     for name, head in heads.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
                   str(tmp / f"{name}_head.safetensors"))
@@ -223,7 +279,12 @@ def load_backbone_from_run(run_dir: str | Path, device: torch.device, cfg: Confi
         raise ConfigError(f"{run_dir}: trained on model {info['model_name']} {info['model']}, "
                           f"but model.name={cfg.model.name} gives {fp}")
     lm = apply_finetune(lm, cfg.model)
-    backbone = PersonalizedBackbone(lm, user_model)
+    reference_prefix = None
+    if (ckpt / REFERENCE_PREFIX).exists():
+        from safetensors.torch import load_file
+
+        reference_prefix = load_file(str(ckpt / REFERENCE_PREFIX))["prefix"]
+    backbone = PersonalizedBackbone(lm, user_model, reference_prefix, compute_dtype=resolve_dtypes(cfg)[0])
     backbone.keep_frozen_reference()  # full fine-tune: copy the base weights *before* loading the trained ones
     backbone.load_llm(ckpt)
     backbone.to(device).eval()

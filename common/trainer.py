@@ -95,23 +95,23 @@ def user_model_lr(cfg: Config) -> float:
 
 
 def user_model_groups(user_models: list[torch.nn.Module], cfg: Config) -> list[dict]:
-    """Optimizer groups of the user model(s): per-user parts at `user_model.lr`, parts shared by every user at
-    `user_model.shared_lr` (default the same), no weight decay; with `user_model.sparse` the per-user tables are a
-    row-wise group of their own (see `common.optim`)."""
+    """Optimizer groups of the user model(s): the per-user tables at `user_model.lr` in a group of their own that
+    moves only the rows of the batch's users (`lazy`: `common.optim.LazyAdamW`; `row_wise`: sparse gradients and
+    `RowWiseAdagrad`, `user_model.sparse`), parts shared by every user at `user_model.shared_lr` (default the same);
+    no weight decay."""
     user_lr = user_model_lr(cfg)
     shared_lr = cfg.user_model.shared_lr if cfg.user_model.shared_lr is not None else user_lr
     shared = [p for m in user_models for p in m.implicit.shared_parameters() if p.requires_grad]
-    tables = [p for m in user_models for p in m.sparse_tables()]
+    tables = [p for m in user_models for p in m.user_tables() if p.requires_grad]
     special = {id(p) for p in shared + tables}
     rest = [p for m in user_models for p in m.parameters() if p.requires_grad and id(p) not in special]
-    groups = [{"params": rest, "lr": user_lr, "weight_decay": 0.0, "name": "user_model"}]
-    if shared_lr != user_lr:
-        groups.append({"params": shared, "lr": shared_lr, "weight_decay": 0.0, "name": "user_model_shared"})
+    groups = [{"params": shared + rest, "lr": shared_lr, "weight_decay": 0.0, "name": "user_model_shared"}]
+    table = {"params": tables, "lr": user_lr, "weight_decay": 0.0, "name": "user_table"}
+    if cfg.user_model.sparse:
+        table["row_wise"] = True
     else:
-        groups[0]["params"] = shared + rest
-    if tables:
-        groups.append({"params": tables, "lr": user_lr, "name": "user_table", "row_wise": True})
-    return groups
+        table["lazy"] = cfg.user_model.table_optimizer == "lazy_adamw"
+    return groups + [table]
 
 
 def param_groups(backbone, cfg: Config, heads: list[torch.nn.Module]) -> list[dict]:
@@ -133,15 +133,20 @@ def drop_to_generic(user_idx: torch.Tensor, p: float, generator: torch.Generator
 
 
 def make_optimizer(param_groups: list[dict], cfg: Config):
-    """AdamW; groups marked `row_wise` (sparse user tables) get `RowWiseAdagrad`, and the two act as one."""
-    from common.optim import OptimizerSet, RowWiseAdagrad
+    """`train.optimizer`: AdamW (`common.optim.LazyAdamW`, whose `lazy` groups, the user tables, move only the rows
+    of the batch's users) or plain SGD for every group. Groups marked `row_wise` (sparse user tables) get
+    `RowWiseAdagrad`, and the optimizers act as one."""
+    from common.optim import LazyAdamW, OptimizerSet, RowWiseAdagrad
 
     groups = [g for g in param_groups if g["params"]]
     for g in groups:
         g["initial_lr"] = g["lr"]
+    if cfg.train.optimizer == "sgd":  # no state: a row with a zero gradient does not move either
+        return torch.optim.SGD([{k: v for k, v in g.items() if k not in ("row_wise", "lazy")} for g in groups],
+                               lr=cfg.train.lr, momentum=0.0)
     dense = [g for g in groups if not g.get("row_wise")]
     row_wise = [{k: v for k, v in g.items() if k != "row_wise"} for g in groups if g.get("row_wise")]
-    adamw = torch.optim.AdamW(dense, betas=(0.9, 0.999), eps=1e-8, foreach=False) if dense else None
+    adamw = LazyAdamW(dense, betas=(0.9, 0.999), eps=1e-8) if dense else None
     if not row_wise:
         return adamw
     tables = RowWiseAdagrad(row_wise)
@@ -206,6 +211,64 @@ def check_resumable(checkpoint: Path, settings: dict, max_steps: int) -> None:
                           "Raise train.max_steps, set train.resume=never to start over, or use another output_dir")
 
 
+class EarlyStopping:
+    """Stop when the held-out loss (`eval/loss` of the loop's eval_fn) has not improved by `min_delta` for `patience`
+    evaluations in a row, and keep the trainable weights of the best evaluation (restored at the end).
+
+    The best weights live in `folder/best-step-N.safetensors` (written atomically), and the counters in every
+    resumable checkpoint, so that a resumed run stops where an uninterrupted one would, with the same best."""
+
+    def __init__(self, patience: int, min_delta: float, folder: Path):
+        self.patience, self.min_delta, self.folder = patience, min_delta, folder
+        self.best, self.best_step, self.bad = math.inf, 0, 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.patience > 0
+
+    def _file(self, step: int) -> Path:
+        return self.folder / f"best-step-{step}.safetensors"
+
+    def update(self, step: int, loss: float, module: torch.nn.Module) -> bool:
+        """Record an evaluation; True when training should stop."""
+        from safetensors.torch import save_file
+
+        if loss < self.best - self.min_delta:
+            self.best, self.best_step, self.bad = loss, step, 0
+            if dist.is_main():
+                self.folder.mkdir(parents=True, exist_ok=True)
+                tmp = self.folder / f".tmp-best-{step}.safetensors"
+                save_file(ckpt.trainable_state(module), str(tmp))
+                os.replace(tmp, self._file(step))
+                for old in self.folder.glob("best-step-*.safetensors"):
+                    if old != self._file(step):
+                        old.unlink(missing_ok=True)
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+    def restore_best(self, module: torch.nn.Module) -> bool:
+        """Load the best evaluation's trainable weights into `module` (False if there is none on disk)."""
+        from safetensors.torch import load_file
+
+        path = self._file(self.best_step)
+        if not self.best_step or not path.exists():
+            return False
+        state = load_file(str(path))
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value.to(params[name]))
+        return True
+
+    def state_dict(self) -> dict:
+        return {"best": self.best if math.isfinite(self.best) else None, "best_step": self.best_step, "bad": self.bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"] if state.get("best") is not None else math.inf
+        self.best_step, self.bad = int(state.get("best_step", 0)), int(state.get("bad", 0))
+
+
 @dataclass
 class TrainLoop:
     cfg: Config
@@ -226,6 +289,8 @@ class TrainLoop:
         if tr.deepspeed:
             engine, optimizer = deepspeed_engine(self.module, optimizer, cfg)
         ckpt_root = self.run_dir / "checkpoints"
+        stopper = EarlyStopping(tr.early_stopping_patience, tr.early_stopping_min_delta, ckpt_root)
+        stopped_at = None
         start = 0
         settings = run_settings(cfg)
         if tr.resume == "auto" and (latest := ckpt.latest_checkpoint(ckpt_root)) is not None:
@@ -233,6 +298,8 @@ class TrainLoop:
             state, _ = ckpt.load_checkpoint(latest, self.module, optimizer, engine)
             start = state["step"]
             self.history = state.get("history", [])
+            if state.get("early_stopping"):
+                stopper.load_state_dict(state["early_stopping"])
             log.info("resumed from %s (step %d)", latest, start)
         self.module.train()
         n_params = sum(p.numel() for g in self.param_groups for p in g["params"])
@@ -285,23 +352,42 @@ class TrainLoop:
                 self.history.append({"step": done, "loss": loss_sum})
                 if self.tracker:
                     self.tracker.log(last, step=done)
+            stop = False
             if self.eval_fn and tr.eval_every and done % tr.eval_every == 0 and done < tr.max_steps:
                 self.module.eval()
                 metrics = self.eval_fn(done)
                 self.module.train()
+                if stopper.enabled:
+                    if "eval/loss" not in metrics:
+                        raise TrainingError("train.early_stopping_patience needs a held-out loss (eval/loss): set "
+                                            "data.eval_path")
+                    stop = stopper.update(done, float(metrics["eval/loss"]), self.module)
+                    metrics = {**metrics, "eval/best_loss": stopper.best}
+                self.history.append({"step": done, **{k: v for k, v in metrics.items()
+                                                      if isinstance(v, (int, float))}})
                 if self.tracker:
                     self.tracker.log(metrics, step=done)
-            if tr.save_every and done % tr.save_every == 0 and done < tr.max_steps:
+            if tr.save_every and done % tr.save_every == 0 and done < tr.max_steps and not stop:
                 try:
                     ckpt.save_checkpoint(ckpt_root, done, self.module, optimizer,
-                                         extra={"history": self.history, "settings": settings},
+                                         extra={"history": self.history, "settings": settings,
+                                                "early_stopping": stopper.state_dict()},
                                          keep_last=tr.keep_last, engine=engine)
                 except FloatingPointError as exc:
                     raise TrainingError(f"parameters are not finite at step {done}: {exc}. Lower train.lr or "
                                         "check the data.") from None
+            if stop:
+                stopped_at = done
+                log.info("early stopping at step %d: eval/loss has not improved on %.4f (step %d) for %d "
+                         "evaluations", done, stopper.best, stopper.best_step, stopper.bad)
+                break
         bar.close()
+        restored = stopper.enabled and stopper.restore_best(self.module)
         self.module.eval()
         dump_rank_weights(self.module)
         wall = time.time() - t_start
-        return {"final_loss": last.get("train/loss"), "wall_s": wall, "steps": tr.max_steps,
-                "resumed_from": start, "trainable_parameters": n_params, "last": last}
+        out = {"final_loss": last.get("train/loss"), "wall_s": wall, "steps": stopped_at or tr.max_steps,
+               "resumed_from": start, "trainable_parameters": n_params, "last": last}
+        if stopper.enabled:
+            out["early_stopping"] = {**stopper.state_dict(), "stopped_at": stopped_at, "restored_best": restored}
+        return out

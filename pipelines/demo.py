@@ -2,8 +2,10 @@
 
 On the length-conflict task (seed section 5.1: users user_4..user_6 prefer short answers, the other seven long
 ones) with SmolLM2-135M: train_sft -> train_rm -> evaluate -> train_ppo (from pi_SFT) -> evaluate -> train_pdpo
-(from pi_SFT) -> evaluate -> vanilla baselines (uniform user model, alpha = 1) for RM and DPO -> compare. Prints the
-time of each stage and the comparison table, and writes one run folder per stage plus compare/report.md under --out.
+(from pi_SFT) -> evaluate -> vanilla baselines (uniform user model, alpha = 1) for RM and DPO; then the reward
+models on held-out pairs whose answers are 2-3x longer than any in training (`eval_long`), the policies' per-user
+win rates against pi_SFT under the annotators' own rule (`winrate`), and compare. Prints the time of each stage and
+the comparison tables, and writes one run folder per stage plus compare/report.md under --out.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pipelines._cli import setup_logging
 from preference_data.records import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA_WITH_MEDIUM = False  # train on short < medium < long (see preference_data.length_conflict)
+WINRATE_MAX_NEW_TOKENS = 96  # the long answers (at most 74 tokens) fit whole
 
 # (stage name, module, config file, extra overrides). Vanilla = the same code with the uniform user model.
 # Policies (PPO, P-DPO, vanilla DPO) start from pi_SFT: `model.sft_run` is set to the sft stage's folder.
@@ -49,9 +53,17 @@ FAST = {  # --fast: the same pipeline, fewer steps and a smaller held-out set (w
 }
 
 
+# After training: the routes' reward on the long-answer set (runs -> RUN/eval_long) and the policies' win rates
+# against pi_SFT (runs -> RUN/winrate), both under the rule the demo's annotators follow.
+EVAL_LONG_RUNS = ("rm", "rm_vanilla", "pdpo", "dpo_vanilla")
+WINRATE_RUNS = ("pdpo", "ppo", "dpo_vanilla")
+LENGTH_JUDGE = "length:prefer_short=" + ",".join(("user_4", "user_5", "user_6"))
+POST_STAGES = ("eval_long", "winrate")
+
+
 def parse_stages(text: str) -> list[str]:
-    """--stages: comma-separated stage names, each one of STAGES (an unknown name is an error, not a no-op)."""
-    known = [name for name, *_ in STAGES]
+    """--stages: comma-separated stage names, each one of STAGES or POST_STAGES (an unknown name is an error)."""
+    known = [name for name, *_ in STAGES] + list(POST_STAGES)
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
@@ -81,25 +93,29 @@ def build_stage_configs(out: Path, fast: bool, model: str | None = None, extra: 
 
 def run_demo(out: Path, fast: bool = False, model: str | None = None, extra: list[str] | None = None,
              stages: list[str] | None = None) -> dict:
-    from preference_data.length_conflict import write_length_conflict
+    from preference_data.length_conflict import write_length_conflict, write_long_answer_set
     from pipelines import compare as compare_mod
     from pipelines import train_pdpo, train_ppo, train_rm, train_sft
 
     modules = {"train_sft": train_sft, "train_rm": train_rm, "train_pdpo": train_pdpo, "train_ppo": train_ppo}
     configs = build_stage_configs(out, fast, model, extra)
+    seed = configs[0][2].seed
+    post = [p for p in POST_STAGES if not stages or p in stages]
     if stages:
         configs = [c for c in configs if c[0] in stages]
     timings = {}
     t0 = time.time()
-    summary = write_length_conflict(out / "data", seed=configs[0][2].seed,
-                                    n_eval_prompts=10 if fast else 15)
+    summary = write_length_conflict(out / "data", seed=seed, n_eval_prompts=10 if fast else 15,
+                                    with_medium=DATA_WITH_MEDIUM)
+    long_summary = write_long_answer_set(out / "data_long", seed=seed)
     timings["data"] = time.time() - t0
-    total = len(configs) + 2
+    total = len(configs) + len(post) + 2
     print(f"[1/{total}] data: {summary['train']['records']} train / {summary['eval']['records']} held-out pairs, "
-          f"{len(summary['users'])} users (minority {', '.join(summary['minority'])})", flush=True)
+          f"{len(summary['users'])} users (minority {', '.join(summary['minority'])}); long-answer held-out set: "
+          f"{long_summary['eval']['records']} pairs", flush=True)
     for k, (name, module, cfg) in enumerate(configs, start=2):
         if module == "train_sft":
-            what = "no user prefix"
+            what = "one soft prompt for everyone: the generic user's"
         elif module == "train_ppo":  # no alpha: PPO's loss has no generic term (the RM's has)
             what = f"{cfg.user_model.kind} user model, {cfg.train.max_steps} iterations against {cfg.ppo.rm_run}"
         else:
@@ -109,6 +125,15 @@ def run_demo(out: Path, fast: bool = False, model: str | None = None, extra: lis
         modules[module].run(cfg)
         timings[name] = time.time() - t
         print(f"[{k}/{total}] {name}: done in {timings[name]:.0f} s", flush=True)
+    k = len(configs) + 2
+    for name in post:
+        print(f"[{k}/{total}] {name}: " + {"eval_long": "reward models on answers 2-3x longer than in training",
+                                            "winrate": f"win rates against pi_SFT ({LENGTH_JUDGE})"}[name], flush=True)
+        t = time.time()
+        (_eval_long if name == "eval_long" else _winrates)(out, fast)
+        timings[name] = time.time() - t
+        print(f"[{k}/{total}] {name}: done in {timings[name]:.0f} s", flush=True)
+        k += 1
     print(f"[{total}/{total}] compare", flush=True)
     t = time.time()
     order = [n for n in ("rm", "rm_vanilla", "pdpo", "dpo_vanilla", "ppo") if (out / n / "metrics.json").exists()]
@@ -117,7 +142,42 @@ def run_demo(out: Path, fast: bool = False, model: str | None = None, extra: lis
     timings["total"] = time.time() - t0
     (out / "compare").mkdir(parents=True, exist_ok=True)
     (out / "compare" / "timings.json").write_text(json.dumps(timings, indent=1))
-    return {"comparison": comp, "timings": timings}
+    long = long_answer_table(out)
+    if long:
+        (out / "compare" / "long_answers.json").write_text(json.dumps(long, indent=1))
+    return {"comparison": comp, "timings": timings, "long_answers": long}
+
+
+def _eval_long(out: Path, fast: bool) -> None:
+    """The routes' reward on the long-answer set: accuracy per group, responses scored whole."""
+    from pipelines.evaluate import evaluate_run
+
+    over = ["eval.n_generation_prompts=0", "report_to=none"] + (["data.max_eval_records=40"] if fast else [])
+    for name in EVAL_LONG_RUNS:
+        if (out / name / "run.json").exists():
+            evaluate_run(out / name, out / "data_long" / "eval.jsonl", out / name / "eval_long", over)
+
+
+def _winrates(out: Path, fast: bool) -> None:
+    """Per-user win rates of the policies against pi_SFT on the held-out prompts, judged by the length rule."""
+    from evaluation.winrate import run_winrate
+
+    for name in WINRATE_RUNS:
+        if (out / name / "run.json").exists() and (out / "sft" / "run.json").exists():
+            run_winrate(out / name, out / "sft", out / "data" / "eval.jsonl", LENGTH_JUDGE, out / name / "winrate",
+                        n_boot=1000, max_new_tokens=WINRATE_MAX_NEW_TOKENS, seed=0)
+
+
+def long_answer_table(out: Path) -> dict:
+    """{run: {group: accuracy, "generic": accuracy}} of the eval_long folders under `out`."""
+    table = {}
+    for name in EVAL_LONG_RUNS:
+        path = out / name / "eval_long" / "metrics.json"
+        if path.exists():
+            m = json.loads(path.read_text())
+            table[name] = {**{g: v["accuracy"] for g, v in m["per_group"].items()},
+                           "generic": (m.get("generic") or {}).get("accuracy")}
+    return table
 
 
 def print_summary(result: dict, out: Path) -> None:
@@ -126,9 +186,35 @@ def print_summary(result: dict, out: Path) -> None:
         print("\nNo run under --out has metrics.json yet: nothing to compare.")
     else:
         print_tables(comp)
+    long = result.get("long_answers") or {}
+    if long:
+        print("\nHeld-out pairs with answers 2-3x longer than in training (short 10-30 words, long 80-150), "
+              "accuracy per group")
+        cols = list(long)
+        print(f"{'group':<12}" + "".join(f"{c:>13}" for c in cols))
+        for g in ("majority", "minority", "generic"):
+            print(f"{g:<12}" + "".join(f"{_f(long[c].get(g)):>13}" for c in cols))
     print("\nStage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     if comp is not None:
         print(f"\nReport: {out / 'compare' / 'report.md'}")
+
+
+def print_win_rates(comp: dict) -> None:
+    details = comp.get("win_rate") or {}
+    if not details:
+        return
+    first = next(iter(details.values()))
+    print(f"\nWin rate against pi_SFT per group (judge {first.get('judge')}; ties count half; 95% interval)")
+    cols = list(details)
+    print(f"{'group':<12}" + "".join(f"{c:>22}" for c in cols))
+    for g in comp["win_rate_per_group"]:
+        cells = []
+        for lab in cols:
+            v = details[lab]["overall"] if g == "all users" else details[lab]["per_group"].get(g)
+            ci = (v or {}).get("ci95")
+            cells.append("-" if not v or v.get("win_rate") is None else
+                         f"{v['win_rate']:.3f}" + (f" [{ci[0]:.2f},{ci[1]:.2f}]" if ci else ""))
+        print(f"{g:<12}" + "".join(f"{c:>22}" for c in cells))
 
 
 def print_tables(comp: dict) -> None:
@@ -155,6 +241,7 @@ def print_tables(comp: dict) -> None:
         print(f"{'run':<16}" + "".join(f"{c:>14}" for c in cols))
         for run, vals in deg.items():
             print(f"{run:<16}" + "".join(f"{vals.get(c, '-'):>14}" for c in cols))
+    print_win_rates(comp)
 
 
 def _f(x, d=3):

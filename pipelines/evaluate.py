@@ -21,16 +21,12 @@ from common import plots
 from common.batching import PairEncoder
 from common.config import ConfigError, help_text, load_config, parse_override
 from common.metrics import accuracy_metrics, user_key
-from common.run import load_backbone_from_run, load_head, pick_device, seed_everything
+from common.run import load_backbone_from_run, load_head, pick_device, run_route, seed_everything
 from common.tracking import Tracker
 from preference_data import DataError, load_records
 from preference_data.vocab import UserVocab
 
 log = logging.getLogger(__name__)
-
-
-def _route(info: dict) -> str:
-    return info.get("route") or {"train_rm": "rm", "train_pdpo": "dpo", "train_ppo": "ppo"}[info["stage"]]
 
 
 def _generation_users(records, vocab: UserVocab, limit: int) -> dict[str, int]:
@@ -69,9 +65,14 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
     device = pick_device(cfg)
     t0 = time.time()
     cfg, backbone, tokenizer, vocab, info = load_backbone_from_run(run_dir, device, cfg)
-    route = _route(info)
-    encoder = PairEncoder.from_config(tokenizer, cfg)
+    route = run_route(info)
+    if route == "sft":
+        raise ValueError(f"{run_dir} is a train_sft run: it ranks no pairs (its held-out NLL is in its metrics.json)")
+    encoder = scoring_encoder(tokenizer, cfg, backbone)
     pairs = encoder.encode_all(records, vocab, str(data) if not isinstance(data, list) else "eval")
+    scoring = {"max_response_length": encoder.max_response, "complete": cfg.eval.max_response_length is None,
+               "truncated_responses": encoder.n_truncated_responses,
+               "truncated_prompts": encoder.n_truncated_prompts}
     pad_id, bs = tokenizer.pad_token_id, cfg.train.eval_batch_size
     generation = None
     if route == "rm":
@@ -84,6 +85,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
         margins = reward_margins(rm, pairs, pad_id, bs, device)
         generic = reward_margins(rm, pairs, pad_id, bs, device, as_generic=True)
     else:
+        from policy.dpo_objective import route_beta
         from policy.generation import generate_per_user
         from policy.model import PersonalizedPolicy
         from policy.scoring import implicit_reward_margins, pair_logps
@@ -92,8 +94,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
         ref_w, ref_l = pair_logps(policy, pairs, pad_id, bs, device, reference=True)
         pol_w, pol_l = pair_logps(policy, pairs, pad_id, bs, device)
         gen_w, gen_l = pair_logps(policy, pairs, pad_id, bs, device, as_generic=True)
-        margins = implicit_reward_margins(pol_w, pol_l, ref_w, ref_l, cfg.loss.beta)
-        generic = implicit_reward_margins(gen_w, gen_l, ref_w, ref_l, cfg.loss.beta)
+        beta = route_beta(cfg, route)  # a PPO policy's implicit reward has beta = ppo.kl_coef
+        margins = implicit_reward_margins(pol_w, pol_l, ref_w, ref_l, beta)
+        generic = implicit_reward_margins(gen_w, gen_l, ref_w, ref_l, beta)
         if cfg.eval.n_generation_prompts > 0:
             prompts = list(dict.fromkeys(r.prompt for r in records))[: cfg.eval.n_generation_prompts]
             users = _generation_users(records, vocab, cfg.eval.generation_users)
@@ -113,6 +116,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
                                               if not g.startswith("<")}
         for key in ("response_tokens", "distinct_token_share"):
             metrics["generation"][f"{key}_per_group"] = _mean_by_group(generation.get(key, {}), groups)
+    metrics["scoring"] = scoring
     metrics["run"] = str(run_dir)
     metrics["data"] = str(data) if not isinstance(data, list) else "<records>"
     metrics["wall_s"] = time.time() - t0
@@ -123,6 +127,20 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
     if own_tracker:
         tracker.finish()
     return metrics
+
+
+def scoring_encoder(tokenizer, cfg, backbone) -> PairEncoder:
+    """The encoder of held-out pairs: the run's prompt layout, responses whole (`eval.max_response_length` null: as
+    many tokens as the model's context leaves after the prompt and the user prefix) or cut at N when asked. A
+    reward that only held up inside the training window would otherwise look better than it is."""
+    encoder = PairEncoder.from_config(tokenizer, cfg)
+    if cfg.eval.max_response_length is not None:
+        encoder.max_response = cfg.eval.max_response_length
+    else:
+        context = getattr(backbone.base_lm.config, "max_position_embeddings", None) or 4096
+        encoder.max_response = max(context - cfg.data.max_prompt_length - backbone.user_model.n_tokens
+                                   - cfg.data.max_user_text_length, 1)
+    return encoder
 
 
 def _rm_rewards_of_generations(rm_run: str, generation: dict, users: dict, device) -> dict:
@@ -167,8 +185,11 @@ def _write(out: Path, metrics: dict, route: str, run_dir: Path) -> None:
     if gen:
         pngs.append(plots.grouped_bars({"greedy response": gen["users"]}, out / "plots" / "response_words.png",
                                        f"{run_dir.name}: mean response length per user", "words"))
+    sc = metrics.get("scoring") or {}
+    window = ("responses scored whole" if sc.get("complete") else
+              f"responses cut at {sc.get('max_response_length')} tokens ({sc.get('truncated_responses')} cut)")
     lines = [f"# Evaluation of `{run_dir}` ({route} route)", "",
-             f"Data: `{metrics['data']}`; overall accuracy {_fmt(metrics['overall']['accuracy'])} "
+             f"Data: `{metrics['data']}` ({window}); overall accuracy {_fmt(metrics['overall']['accuracy'])} "
              f"(n={metrics['overall']['n']}); every pair as the generic user: "
              f"{_fmt((metrics.get('generic') or {}).get('accuracy'))}.", "",
              "Mean margin: the mean reward (or implicit reward) of the chosen response minus the rejected one's.", "",

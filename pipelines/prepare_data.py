@@ -3,7 +3,8 @@
     python -m pipelines.prepare_data SOURCE --input FILE [--input FILE ...] --out OUT.jsonl
         [--eval-out EVAL.jsonl --eval-fraction 0.2] [--seed 0] [source options]
 
-    python -m pipelines.prepare_data length-conflict --out DIR [--seed 0]
+    python -m pipelines.prepare_data length-conflict --out DIR [--seed 0] [--medium-answers]
+    python -m pipelines.prepare_data length-conflict --corpus long-answers --out DIR   # held-out only
 
 Prints how many input units were read, how many records were written and how many were dropped, per reason.
 Malformed input stops it with a one-line error naming the file, line/row and field, and exit code 2.
@@ -72,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
     g.add_argument("--eval-prompts", type=int, default=15, metavar="N",
                    help="length-conflict: held-out prompts (default: 15, as the demo)")
+    g.add_argument("--medium-answers", action="store_true",
+                   help="length-conflict: also train on pairs with a medium answer (the long answer's first "
+                        "sentence): short < medium < long, a graded preference instead of two fixed lengths "
+                        "(the demo's data)")
+    g.add_argument("--corpus", choices=["main", "long-answers"], default="main",
+                   help="length-conflict: `long-answers` writes only DIR/eval.jsonl, every user on 30 prompts "
+                        "that are not in the main corpus, with answers 2-3x longer than its (short 10-30 words, "
+                        "long 80-150): checks that a model ranks length, not two fixed lengths")
     g.add_argument("--top-workers", type=int, default=S, metavar="N",
                    help="tldr-length: keep the N workers with the most annotations (default: 10)")
     g.add_argument("--minority-share", type=float, default=S, metavar="F",
@@ -140,7 +149,13 @@ def _run_length_conflict(args) -> int:
     except ImportError as exc:
         raise DataError(f"length-conflict needs preference_data.length_conflict.write_length_conflict ({exc})") from None
 
-    result = write_length_conflict(args.out, seed=args.seed, n_eval_prompts=args.eval_prompts)
+    if args.corpus == "long-answers":
+        from preference_data.length_conflict import write_long_answer_set
+
+        result = write_long_answer_set(args.out, seed=args.seed)
+    else:
+        result = write_length_conflict(args.out, seed=args.seed, n_eval_prompts=args.eval_prompts,
+                                       with_medium=args.medium_answers)
     print(f"length-conflict: wrote {args.out}" + (f": {result}" if result is not None else ""))
     return 0
 

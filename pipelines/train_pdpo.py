@@ -32,6 +32,7 @@ def run(cfg: Config) -> dict:
 
     def quick_eval(step: int) -> dict:
         from common.metrics import accuracy_metrics
+        from policy.dpo_objective import held_out_loss
         from policy.scoring import implicit_reward_margins, pair_logps
 
         bs, pad = cfg.train.eval_batch_size, tokenizer.pad_token_id
@@ -40,7 +41,8 @@ def run(cfg: Config) -> dict:
         w, l = pair_logps(policy, eval_pairs, pad, bs, device)
         m = accuracy_metrics("dpo", data.eval, data.vocab,
                              implicit_reward_margins(w, l, eval_ref["w"], eval_ref["l"], cfg.loss.beta))
-        return {"eval/accuracy/overall": m["overall"]["accuracy"],
+        return {"eval/loss": held_out_loss(policy, eval_pairs, eval_ref["w"], eval_ref["l"], pad, cfg.loss, bs),
+                "eval/accuracy/overall": m["overall"]["accuracy"],
                 **{f"eval/accuracy/group/{g}": v["accuracy"] for g, v in m["per_group"].items()}}
 
     trainer = PersonalizedDPOTrainer(cfg, policy, train_pairs, tokenizer.pad_token_id, device, run_dir, tracker,

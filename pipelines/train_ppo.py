@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> dict:
-    from policy.ppo.roles import VALUE_HEAD, build_roles, check_rm_run, init_user_model_from_rm, load_reward_role
+    from policy.ppo.roles import (VALUE_HEAD, build_roles, check_rm_run, gate_user_model_on_rm,
+                                  init_user_model_from_rm, load_reward_role)
     from policy.ppo.trainer import PPOTrainer
 
     dist.setup(cfg)
@@ -35,9 +36,12 @@ def run(cfg: Config) -> dict:
     vocab = UserVocab.load(rm_run / "users.json")  # the actor's users are the RM's users
     prompts = list(dict.fromkeys(r.prompt for r in data.train))
     user_texts: dict[str, str] = {}
+    user_groups: dict[str, str] = {}
     for r in data.train:
         if r.user_id is not None and r.user_text and r.user_id not in user_texts:
             user_texts[r.user_id] = r.user_text
+        if r.user_id is not None and r.group and r.user_id not in user_groups:
+            user_groups[r.user_id] = r.group
     unknown = sorted({r.user_id for r in data.train if r.user_id is not None and r.user_id not in vocab})
     if unknown:
         log.warning("%d user(s) of data.train_path are not users of the RM run (their prompts are still used): %s",
@@ -51,16 +55,20 @@ def run(cfg: Config) -> dict:
     t0 = time.time()
     reward = load_reward_role(rm_run, device)
     modules, actor, critic, reference, tokenizer = build_roles(cfg, len(vocab), device)
-    if cfg.ppo.init_user_model == "rm":
-        for backbone in (modules.actor, modules.critic):
-            if backbone is not None:
-                init_user_model_from_rm(backbone.user_model, reward, cfg.ppo.init_user_model_scale)
+    for backbone in (modules.actor, modules.critic):
+        if backbone is not None and cfg.ppo.init_user_model == "rm":
+            init_user_model_from_rm(backbone.user_model, reward, cfg.ppo.init_user_model_scale)
+        elif backbone is not None and cfg.ppo.init_user_model == "rm_gated":
+            gate_user_model_on_rm(backbone.user_model, reward)
     tracker = Tracker(cfg, run_dir, job_type="ppo")
     trainer = PPOTrainer(cfg, run_dir, modules, actor, critic, reference, reward, tokenizer, vocab, prompts,
-                         user_texts=user_texts, tracker=tracker, device=device)
+                         user_texts=user_texts, tracker=tracker, device=device, user_groups=user_groups)
     result = trainer.train()
 
     with trainer.gathered_parameters():  # a collective under ZeRO-3: every rank enters, rank 0 writes
+        for backbone in (modules.actor, modules.critic):  # gated RM rows -> plain offsets: a plain run folder
+            if backbone is not None and hasattr(backbone.user_model.implicit, "fold_gates"):
+                backbone.user_model.implicit.fold_gates()
         save_artifacts(run_dir, modules.actor, {VALUE_HEAD: modules.value_head})
         if modules.critic is not None and dist.is_main():  # separate critic: own user model and adapter
             critic_dir = run_dir / "checkpoint" / "critic"
@@ -94,7 +102,10 @@ def run(cfg: Config) -> dict:
     finish_run(run_dir, metrics, tracker)
     with (run_dir / "report.md").open("a") as fh:
         fh.write("\n![mean RM reward per user](plots/ppo_reward.png)\n"
-                 "![response words per user](plots/ppo_words.png)\n")
+                 "![response words per user](plots/ppo_words.png)\n"
+                 "![mean RM reward per group](plots/ppo_reward_group.png)\n"
+                 "![response words per group](plots/ppo_words_group.png)\n"
+                 "![sequence KL per group](plots/ppo_kl_group.png)\n")
     return metrics
 
 
@@ -104,10 +115,13 @@ def _plots(run_dir, history: list[dict]) -> None:
     plots.training_curve([{"step": h["iteration"], "loss": h.get("loss", 0.0)} for h in history],
                          run_dir / "plots" / "train_loss.png", "train_ppo loss (policy + vf_coef * value)")
     for key, name, ylabel in (("reward", "ppo_reward.png", "mean RM reward"),
-                              ("response_words", "ppo_words.png", "response words")):
+                              ("response_words", "ppo_words.png", "response words"),
+                              ("reward_group", "ppo_reward_group.png", "mean RM reward per group"),
+                              ("response_words_group", "ppo_words_group.png", "response words per group"),
+                              ("kl_group", "ppo_kl_group.png", "sequence KL per group")):
         series = {}
         for h in history:
-            for user, value in h[key].items():
+            for user, value in (h.get(key) or {}).items():
                 series.setdefault(user, []).append((h["iteration"], value))
         plots.per_user_lines(series, run_dir / "plots" / name, f"train_ppo: {ylabel} per user", "PPO iteration",
                              ylabel)

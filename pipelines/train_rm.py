@@ -36,11 +36,14 @@ def run(cfg: Config) -> dict:
 
     def quick_eval(step: int) -> dict:
         from common.metrics import accuracy_metrics
+        from reward.objective import held_out_loss
         from reward.scoring import reward_margins
 
         m = accuracy_metrics("rm", data.eval, data.vocab,
                              reward_margins(rm, eval_pairs, tokenizer.pad_token_id, cfg.train.eval_batch_size, device))
-        return {"eval/accuracy/overall": m["overall"]["accuracy"],
+        return {"eval/loss": held_out_loss(rm, eval_pairs, tokenizer.pad_token_id, cfg.loss,
+                                           cfg.train.eval_batch_size),
+                "eval/accuracy/overall": m["overall"]["accuracy"],
                 **{f"eval/accuracy/group/{g}": v["accuracy"] for g, v in m["per_group"].items()}}
 
     trainer = RewardModelTrainer(cfg, rm, train_pairs, tokenizer.pad_token_id, device, run_dir, tracker,

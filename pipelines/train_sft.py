@@ -1,10 +1,11 @@
 """`python -m pipelines.train_sft --config configs/<name>.yaml [dotted.key=value ...]`
 
-Supervised fine-tuning on the preference data's chosen responses (`data.sft_responses=both`: both responses),
-without a user prefix: the pi_SFT of the seed's RLHF pipeline. Later stages start from it with
-`model.sft_run=<this run>`: its LoRA is merged into the weights, they train their own adapters on top, and their
-reference policy (adapters off, no prefix) is pi_SFT. PPO needs it to explore: a policy that never writes a
-short answer cannot learn that some users prefer one. Writes the contract's run folder; with `data.eval_path`
+Supervised fine-tuning on the preference data's chosen responses (`data.sft_responses=both`: both responses), all
+as the generic user 0: the pi_SFT of the seed's RLHF pipeline, a LoRA and the generic user's soft prompt. Later
+stages start from it with `model.sft_run=<this run>`: its LoRA is merged into the weights, its soft prompt becomes
+their reference prefix and the start of their generic embedding e_0, they train their own adapters on top, and
+their reference policy (adapters off, that prefix) is pi_SFT, which is also where they start. PPO needs it to
+explore: a policy that never writes a short answer cannot learn that some users prefer one. Writes the contract's run folder; with `data.eval_path`
 the held-out NLL of the chosen responses and greedy samples (metrics.json `sft`).
 """
 
@@ -50,8 +51,9 @@ def run(cfg: Config) -> dict:
     trainer = SFTTrainer(cfg, policy, examples, tokenizer.pad_token_id, device, run_dir, tracker,
                          eval_fn=eval_nll if eval_examples else None)
     result = trainer.train()
+    # "reference_prefix": later stages take this run's generic-user soft prompt as part of pi_SFT
     cost = save_trained(run_dir, cfg, "train_sft", "sft", backbone, {}, result, t0, data, trainer.loop.history,
-                        loss_name="loss (NLL)", extra={"n_examples": len(examples)})
+                        loss_name="loss (NLL)", extra={"n_examples": len(examples), "reference_prefix": True})
     metrics = {"train": result, "cost": cost}
     if eval_examples:  # every rank: under ZeRO-3 each forward gathers parameters from all of them
         after = eval_nll()
@@ -72,7 +74,7 @@ def _generation(cfg: Config, policy, tokenizer, records) -> dict:
         return {}
     ids = [encoder.prompt_ids(p) for p in prompts]
     out = policy.generate(ids, torch.zeros(len(ids), dtype=torch.long), pad_id=tokenizer.pad_token_id,
-                          use_prefix=False, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
+                          max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
                           eos_token_id=tokenizer.eos_token_id)
     texts = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
     words = [len(t.split()) for t in texts]
@@ -80,7 +82,7 @@ def _generation(cfg: Config, policy, tokenizer, records) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         sampled = policy.generate(ids * 4, torch.zeros(4 * len(ids), dtype=torch.long), pad_id=tokenizer.pad_token_id,
-                                  use_prefix=False, max_new_tokens=cfg.eval.max_new_tokens, do_sample=True,
+                                  max_new_tokens=cfg.eval.max_new_tokens, do_sample=True,
                                   temperature=1.0, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id)
     sampled_words = sorted(len(tokenizer.decode(o, skip_special_tokens=True).split()) for o in sampled)
     return {"mean_response_words": {"<sft>": sum(words) / len(words)},

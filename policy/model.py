@@ -19,7 +19,9 @@ def response_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modul
     target = labels[:, 1:]
     is_label = target != -100
     rows, cols = is_label.nonzero(as_tuple=True)
-    logits = lm_head(hidden[:, :-1][rows, cols]).float()
+    h = hidden[:, :-1][rows, cols]
+    weight = getattr(lm_head, "weight", None)
+    logits = lm_head(h.to(weight.dtype) if weight is not None else h).float()
     token_logp = torch.log_softmax(logits, -1).gather(-1, target[rows, cols].unsqueeze(-1)).squeeze(-1)
     per_seq = torch.zeros(labels.shape[0], dtype=token_logp.dtype, device=hidden.device)
     per_seq = per_seq.index_add(0, rows, token_logp)
@@ -46,9 +48,9 @@ class PersonalizedPolicy(nn.Module):
 
     @torch.no_grad()
     def reference_logps(self, batch: dict) -> torch.Tensor:
-        """log pi_SFT(y | x): adapters off and no user prefix, whatever the row's user."""
+        """log pi_SFT(y | x): adapters off and the reference prefix, whatever the row's user."""
         with self.backbone.reference() as ref_lm:
-            hidden, inputs = self.backbone.hidden_states(batch, use_prefix=False, lm=ref_lm)
+            hidden, inputs = self.backbone.hidden_states(batch, lm=ref_lm, reference=True)
             return response_logps(hidden, inputs.labels, ref_lm.lm_head)
 
     @torch.no_grad()
@@ -56,7 +58,8 @@ class PersonalizedPolicy(nn.Module):
                  pad_id: int = 0, use_prefix: bool = True, reference: bool = False, **gen_kwargs) -> list[list[int]]:
         """Batched generation with the KV cache; left-padded rows laid out [pads, prefix, prompt].
 
-        Returns the new tokens of each row, cut after its first EOS. `reference=True` samples pi_SFT.
+        Returns the new tokens of each row, cut after its first EOS. `reference=True` decodes pi_SFT (adapters off,
+        the reference prefix); `use_prefix=False` decodes without any prefix.
         """
         device = next(self.backbone.lm.parameters()).device
         input_ids = pad(prompts, pad_id, side="left").to(device)
@@ -65,10 +68,16 @@ class PersonalizedPolicy(nn.Module):
         text_ids = pad(texts, pad_id).to(device)
         text_mask = pad([[1] * len(t) for t in texts], 0).to(device)
         ctx = self.backbone.reference() if reference else contextlib.nullcontext(self.backbone.base_lm)
-        with ctx as lm:
+        with ctx as lm, self.backbone.autocast():
             embed = lm.get_input_embeddings()
             token_embeds = embed(input_ids)
-            if use_prefix and not reference:
+            ref_prefix = self.backbone.reference_prefix if reference else None
+            if ref_prefix is not None:
+                prefix = ref_prefix.unsqueeze(0).expand(len(prompts), -1, -1)
+                inputs = prepend_prefix(prefix, torch.ones(prefix.shape[:2], dtype=torch.long, device=device),
+                                        token_embeds, mask, padding_side="left")
+                embeds, attn = inputs.inputs_embeds, inputs.attention_mask
+            elif use_prefix and not reference:
                 prefix = self.backbone.user_model(user_idx.to(device), text_ids, text_mask, embed_tokens=embed)
                 inputs = prepend_prefix(prefix.embeds, prefix.mask, token_embeds, mask, padding_side="left")
                 embeds, attn = inputs.inputs_embeds, inputs.attention_mask

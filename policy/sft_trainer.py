@@ -1,5 +1,7 @@
 """Supervised fine-tuning on the preferred responses: the pi_SFT that PPO explores from and that DPO and PPO
-measure their KL against. It is user-agnostic (no user prefix), as the reference of the seed's P-DPO loss is."""
+measure their KL against. It is user-agnostic, as the reference of the seed's P-DPO loss is: every example is the
+generic user 0, so the only soft prompt it trains is the generic one. Later stages keep that prompt as the
+reference's prefix and start their own generic embedding e_0 there, so that they start exactly at pi_SFT."""
 
 from __future__ import annotations
 
@@ -30,14 +32,15 @@ def sft_examples(pairs: list[EncodedPair], responses: str = "chosen") -> list[SF
 
 
 def collate_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded [prompt, response] rows for the generic user 0 (no user prefix is used)."""
+    """Right-padded [prompt, response] rows, all for the generic user 0."""
     return collate_sequences([e.prompt_ids for e in examples], [e.response_ids for e in examples],
                              [0] * len(examples), [[] for _ in examples], pad_id)
 
 
 def sft_loss(policy: PersonalizedPolicy, batch: dict) -> tuple[torch.Tensor, int]:
-    """Mean negative log-likelihood per response token of pi(y | x), without a user prefix, and the token count."""
-    hidden, inputs = policy.backbone.hidden_states(batch, use_prefix=False)
+    """Mean negative log-likelihood per response token of pi(y | x) (the generic user's soft prompt in front), and
+    the token count."""
+    hidden, inputs = policy.backbone.hidden_states(batch)
     logps = response_logps(hidden, inputs.labels, policy.backbone.lm_head)
     n_tokens = int((inputs.labels[:, 1:] != -100).sum())
     return -logps.sum() / max(n_tokens, 1), n_tokens

@@ -6,6 +6,14 @@ always prefers the short answer, the majority the long one, so the data contains
 single (non-personalised) reward cannot satisfy. No download: the corpus is `assets/length_conflict_corpus.jsonl`.
 
 The split is by prompt: held-out eval prompts never appear in training.
+
+Two options make the task test *length* rather than two fixed lengths:
+- `with_medium=True` adds a third answer per prompt, the long answer's first sentence (8-34 words, median 18), and
+  trains on every pair of the three: each user's preference is then graded (short < medium < long), not a step
+  between "about 9 words" and "about 50 words". Held-out records stay short vs long.
+- `long_answer_records()` builds a held-out set from a second corpus whose answers are 2-3x longer (short 10-30
+  words, long 80-150; `assets/length_conflict_long_answers.jsonl`, 30 prompts none of which is in the main
+  corpus): a model that learned "about 9 words wins" instead of "shorter wins" fails it.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +33,7 @@ MINORITY_USERS = ("user_4", "user_5", "user_6")
 DEFAULT_USERS = tuple(f"user_{i}" for i in range(1, 11))
 
 CORPUS_PATH = Path(__file__).parent / "assets" / "length_conflict_corpus.jsonl"
+LONG_ANSWERS_PATH = Path(__file__).parent / "assets" / "length_conflict_long_answers.jsonl"
 _CORPUS_FIELDS = ("prompt", "short", "long")
 
 
@@ -60,10 +70,25 @@ def load_corpus(path: str | os.PathLike | None = None) -> list[dict]:
     return items
 
 
-def _record(item: dict, user: str, minority: frozenset[str]) -> PreferenceRecord:
+def _record(item: dict, user: str, minority: frozenset[str], shorter: str = "short",
+            longer: str = "long") -> PreferenceRecord:
+    """The minority prefers the shorter of two answers, the majority the longer."""
+    short, long = item[shorter], item[longer]
     if user in minority:
-        return PreferenceRecord(item["prompt"], item["short"], item["long"], user, None, "minority")
-    return PreferenceRecord(item["prompt"], item["long"], item["short"], user, None, "majority")
+        return PreferenceRecord(item["prompt"], short, long, user, None, "minority")
+    return PreferenceRecord(item["prompt"], long, short, user, None, "majority")
+
+
+def medium_answer(long: str) -> str:
+    """The long answer's first sentence: a complete answer of middle length (the corpus's long answers open with
+    the answer itself, then add detail)."""
+    first = re.split(r"(?<=[.!?])\s+", long.strip(), maxsplit=1)[0]
+    return first if first != long.strip() else long.strip()
+
+
+# (shorter, longer) answer pairs of one prompt: the classic pair, and with the medium answer all three
+PAIRS = (("short", "long"),)
+PAIRS_WITH_MEDIUM = (("short", "long"), ("short", "medium"), ("medium", "long"))
 
 
 def _check_users(users: Sequence[str], minority: Sequence[str]) -> tuple[tuple[str, ...], frozenset[str]]:
@@ -92,6 +117,7 @@ def make_length_conflict(
     pairs_per_user: int | None = None,
     seed: int = 0,
     corpus: list[dict] | None = None,
+    with_medium: bool = False,
 ) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
     """(train, eval) records of the length-conflict task.
 
@@ -100,6 +126,8 @@ def make_length_conflict(
     not depend on `n_train_prompts`. Each user annotates every training prompt, or with `pairs_per_user` a seeded
     random subset of that many; every user annotates every eval prompt. Minority users choose the short answer
     (group "minority"), the others the long one (group "majority"). Both lists are shuffled with `seed`.
+    `with_medium` trains on the three pairs of short, medium (the long answer's first sentence) and long answers
+    per (prompt, user) instead of one; held-out records are short vs long either way.
     """
     users, minority_set = _check_users(users, minority)
     items = load_corpus() if corpus is None else list(corpus)
@@ -128,17 +156,48 @@ def make_length_conflict(
     eval_items = [items[i] for i in order[:n_eval_prompts]]
     train_items = [items[i] for i in order[n_eval_prompts:n_eval_prompts + n_train_prompts]]
 
+    pairs = PAIRS_WITH_MEDIUM if with_medium else PAIRS
+    if with_medium:
+        train_items = [{**item, "medium": medium_answer(item["long"])} for item in train_items]
     train: list[PreferenceRecord] = []
     for user in users:
         chosen_items = train_items
         if pairs_per_user is not None:
             # Per-user stream (str seeds are stable across runs), so one user's subset does not depend on others.
             chosen_items = random.Random(f"length-conflict:{seed}:{user}").sample(train_items, pairs_per_user)
-        train.extend(_record(item, user, minority_set) for item in chosen_items)
+        train.extend(_record(item, user, minority_set, a, b) for item in chosen_items for a, b in pairs)
     evals = [_record(item, user, minority_set) for user in users for item in eval_items]
     rng.shuffle(train)
-    rng.shuffle(evals)
+    random.Random(f"length-conflict-eval:{seed}").shuffle(evals)  # its own stream: the same with or without medium
     return train, evals
+
+
+def long_answer_records(users: Sequence[str] = DEFAULT_USERS, minority: Sequence[str] = MINORITY_USERS,
+                        seed: int = 0, corpus: list[dict] | None = None,
+                        n_prompts: int | None = None) -> list[PreferenceRecord]:
+    """Held-out records of every user on every prompt of the long-answer corpus (short 10-30 words, long 80-150;
+    no prompt of the main corpus), shuffled with `seed`; `n_prompts` keeps the first N prompts of the file."""
+    users, minority_set = _check_users(users, minority)
+    items = load_corpus(LONG_ANSWERS_PATH) if corpus is None else list(corpus)
+    if n_prompts is not None:
+        if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or not 1 <= n_prompts <= len(items):
+            raise ValueError(f"n_prompts must be an integer in [1, {len(items)}], got {n_prompts!r}")
+        items = items[:n_prompts]
+    records = [_record(item, user, minority_set) for user in users for item in items]
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def write_long_answer_set(out_dir: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """Write `eval.jsonl` of `long_answer_records(**kwargs)` into `out_dir`; return a summary."""
+    records = long_answer_records(**kwargs)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: output must be a folder, found a file")
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(records, out / "eval.jsonl")
+    return {"eval": _summary(records), "minority": [u for u in kwargs.get("users", DEFAULT_USERS)
+                                                    if u in set(kwargs.get("minority", MINORITY_USERS))]}
 
 
 def _summary(records: list[PreferenceRecord]) -> dict[str, Any]:

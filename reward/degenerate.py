@@ -15,28 +15,37 @@ from common.batching import EncodedPair
 
 def degenerate_answers(chosen_ids: list[int], eos_id: int, max_len: int,
                        rng: random.Random | None = None) -> list[list[int]]:
-    """The kinds of broken answer PPO produced on the demo, built from the chosen answer itself so that only
-    fluency separates them from it:
-    nothing (EOS at once); one token of the answer repeated to the length limit (no EOS, as a run cut by
-    max_new_tokens); a two-token loop ("A.E.A.E...", "Aron Aron."); the answer's own tokens shuffled, its length
-    and its EOS kept (a short answer that is not an answer: without it the RM of a user who prefers short answers
-    ranks any short string high)."""
+    """The kinds of broken answer PPO produced on the demo, built from a real answer itself so that only fluency
+    separates them from it:
+    nothing (EOS at once); one token of the answer repeated ("ZZZZ..."); a two-token loop ("A.E.A.E...", "Aron
+    Aron."); the answer's own tokens shuffled, its length and its EOS kept (a short answer that is not an answer:
+    without it the RM of a user who prefers short answers ranks any short string high). Runs and loops get a
+    random length up to `max_len` and end with EOS half the time (as a policy's would, or cut by max_new_tokens):
+    an RM that saw them only at the length limit scored a 20-token run like a real answer of 20 tokens."""
     rng = rng or random.Random(0)
     ended = bool(chosen_ids) and chosen_ids[-1] == eos_id
     body = [t for t in chosen_ids if t != eos_id] or [eos_id]
-    loop = (body[:2] * max_len)[:max_len]
+
+    def length_and_end(kind: list[int]) -> list[int]:
+        n = rng.randint(min(4, max_len), max_len)
+        return kind[:n] + ([eos_id] if rng.random() < 0.5 and n < max_len else [])
+
+    run = length_and_end([body[0]] * max_len)
+    loop = length_and_end((body[:2] * max_len)[:max_len])
     shuffled = body[:]
     for _ in range(3):  # a permutation that differs from the answer (unless every token is the same)
         rng.shuffle(shuffled)
         if shuffled != body:
             break
-    return [[eos_id], [body[0]] * max_len, loop, shuffled + ([eos_id] if ended else [])]
+    return [[eos_id], run, loop, shuffled + ([eos_id] if ended else [])]
 
 
 def degenerate_negative_pairs(pairs: list[EncodedPair], share: float, eos_id: int, max_len: int,
                               seed: int) -> list[EncodedPair]:
     """round(share * len(pairs)) extra pairs from records drawn without replacement (seeded), cycling through the
-    kinds of `degenerate_answers`."""
+    kinds of `degenerate_answers`. The preferred side is one of the record's two real answers, drawn at random:
+    every user prefers *any* real answer to a broken one, also the answer that user likes less (a user who prefers
+    long answers must still rank a real short answer above "ZZZZ")."""
     n = round(share * len(pairs))
     if n <= 0:
         return []
@@ -45,6 +54,7 @@ def degenerate_negative_pairs(pairs: list[EncodedPair], share: float, eos_id: in
     out = []
     for k, i in enumerate(picked):
         p = pairs[i]
-        kinds = degenerate_answers(p.chosen_ids, eos_id, max_len, rng)
-        out.append(EncodedPair(p.prompt_ids, p.chosen_ids, kinds[k % len(kinds)], p.user_idx, p.text_ids))
+        real = p.chosen_ids if rng.random() < 0.5 else p.rejected_ids
+        kinds = degenerate_answers(real, eos_id, max_len, rng)
+        out.append(EncodedPair(p.prompt_ids, real, kinds[k % len(kinds)], p.user_idx, p.text_ids))
     return out

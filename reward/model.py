@@ -13,10 +13,9 @@ class PersonalizedRewardModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.score = nn.Linear(backbone.hidden_size, 1, bias=True)
-        with torch.no_grad():
+        with torch.no_grad():  # float32 whatever the LLM's dtype: it is trained (common.precision)
             self.score.weight.normal_(0.0, 1.0 / (backbone.hidden_size + 1) ** 0.5)
             self.score.bias.zero_()
-        self.score.to(next(backbone.lm.parameters()).dtype)
 
     @property
     def user_model(self):
@@ -28,4 +27,4 @@ class PersonalizedRewardModel(nn.Module):
         # Pool the last *real* position: with right padding the last position is a pad (stack notes).
         last = inputs.attention_mask.long().sum(1) - 1
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.score(pooled).squeeze(-1).float()
+        return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()

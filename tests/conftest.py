@@ -7,6 +7,9 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# train.dtype=auto means bfloat16 on CPUs with native bf16 and float32 elsewhere: pin it, so that every test computes
+# the same numbers on every machine (tests of bfloat16 ask for it explicitly). Subprocesses inherit it.
+os.environ.setdefault("PRLHF_AUTO_DTYPE", "float32")
 # Tiny models gain nothing from a second thread, and spinning OpenMP threads stall when other jobs share the
 # cores (measured 50x slower); subprocess tests set OMP_NUM_THREADS=1 for the same reason.
 torch.set_num_threads(1)

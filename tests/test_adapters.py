@@ -398,12 +398,13 @@ def test_cli_length_conflict_calls_colleague_module(tmp_path, monkeypatch, capsy
 
     calls = []
     fake = types.ModuleType("preference_data.length_conflict")
-    fake.write_length_conflict = (lambda out_dir, seed=0, n_eval_prompts=30:
-                                  calls.append((str(out_dir), seed, n_eval_prompts)) or {"train": 10})
+    fake.write_length_conflict = (lambda out_dir, seed=0, n_eval_prompts=30, with_medium=False:
+                                  calls.append((str(out_dir), seed, n_eval_prompts, with_medium)) or {"train": 10})
     monkeypatch.setitem(sys.modules, "preference_data.length_conflict", fake)
     assert prepare_main(["length-conflict", "--out", str(tmp_path / "lc"), "--seed", "5"]) == 0
-    assert prepare_main(["length-conflict", "--out", str(tmp_path / "lc"), "--eval-prompts", "4"]) == 0
-    assert calls == [(str(tmp_path / "lc"), 5, 15), (str(tmp_path / "lc"), 0, 4)]  # 15: the demo's held-out set
+    assert prepare_main(["length-conflict", "--out", str(tmp_path / "lc"), "--eval-prompts", "4",
+                         "--medium-answers"]) == 0
+    assert calls == [(str(tmp_path / "lc"), 5, 15, False), (str(tmp_path / "lc"), 0, 4, True)]  # 15: the demo's
 
 
 def test_cli_length_conflict_writes_the_demos_data(tmp_path):

@@ -102,3 +102,19 @@ def test_user_scale_skips_what_does_not_fit(tmp_path):
     assert huge["users"] == 1_000_000 and huge["step_s"] is None and huge["estimated"]
     assert huge["skipped"].startswith("would need float32: ") and "GB" in huge["skipped"]
     assert huge["bytes"] == 3 * (1_000_001 * 10 * 576 + 10 * 576) * 4  # params + 2 AdamW moments, float32
+
+
+def test_serve_rows(tmp_path):
+    """The serve benchmark through the real server: both impls at each concurrency, every request answered, and
+    batched greedy decoding gives every request the answer it gets one at a time."""
+    data, _ = _run(tmp_path, "serve", "--concurrency", "1,4", "--requests", "4", "--max-new-tokens", "4",
+                   "--n-users", "3")
+    rows = data["rows"]
+    assert [(r["impl"], r["concurrency"]) for r in rows] == [("sequential", 1), ("batched", 1), ("sequential", 4),
+                                                             ("batched", 4)]
+    for r in rows:
+        assert r["requests"] == 4 and r["tokens"] == 4 * 4  # tiny-random never picks EOS in 4 tokens
+        assert _positive(r["tokens_per_s"]) and r["p95_latency_s"] >= r["p50_latency_s"] > 0
+        assert r["users"] == 4  # 4 requests, 4 different users (of 3 users, the generic one and an unseen id)
+    for r in rows[1::2]:
+        assert r["match_sequential"] == 1.0 and _positive(r["speedup"])

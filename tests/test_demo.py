@@ -47,7 +47,8 @@ def test_demo_wiring_tiny(tmp_path, capsys):
     for name in ("pdpo", "dpo_vanilla", "ppo"):
         m = json.loads((out / name / "metrics.json").read_text())
         assert (out / name / "plots" / "response_words.png").exists()
-        assert m["per_user"]["user_4"]["mean_response_words"] is not None
+        minority = [u for u, v in m["per_user"].items() if v["group"] == "minority"]
+        assert minority and all(m["per_user"][u]["mean_response_words"] is not None for u in minority)
     comp = out / "compare"
     report = (comp / "report.md").read_text()
     assert "plots/accuracy_per_user.png" in report and "plots/response_words_per_user.png" in report
@@ -61,6 +62,17 @@ def test_demo_wiring_tiny(tmp_path, capsys):
     rm_metrics = json.loads((out / "rm" / "metrics.json").read_text())
     assert c["per_group_mean_margin"]["minority"]["rm"] == rm_metrics["per_group"]["minority"]["mean_margin"]
     assert "Mean margin per group" in report
+    # the long-answer set and the win rates against pi_SFT
+    for name in ("rm", "rm_vanilla", "pdpo", "dpo_vanilla"):
+        long = json.loads((out / name / "eval_long" / "metrics.json").read_text())
+        assert long["scoring"]["complete"] and long["per_group"]["minority"]["n"] > 0
+    assert set(result["long_answers"]) == {"rm", "rm_vanilla", "pdpo", "dpo_vanilla"}
+    for name in ("pdpo", "ppo", "dpo_vanilla"):
+        w = json.loads((out / name / "winrate" / "winrate.json").read_text())
+        assert w["judge"].startswith("length:prefer_short=user_4,user_5,user_6") and w["baseline"].endswith("sft")
+        assert set(w["per_group"]) == {"majority", "minority"}
+    assert set(c["win_rate"]) == {"pdpo", "ppo", "dpo_vanilla"}
     print_summary(result, out)
     printed = capsys.readouterr().out
     assert "minority" in printed and "Report:" in printed and "margin minor" in printed
+    assert "Win rate against pi_SFT" in printed and "2-3x longer" in printed

@@ -208,3 +208,37 @@ def test_write_length_conflict(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="must be a folder"):
         write_length_conflict(tmp_path / "file", n_train_prompts=2, n_eval_prompts=1)
+
+
+def test_medium_answers_train_on_every_pair_of_three_lengths():
+    from preference_data.length_conflict import medium_answer
+
+    corpus = load_corpus()
+    train, evals = make_length_conflict(n_train_prompts=6, n_eval_prompts=3, seed=1, with_medium=True)
+    plain_train, plain_evals = make_length_conflict(n_train_prompts=6, n_eval_prompts=3, seed=1)
+    assert len(train) == 3 * len(plain_train) and evals == plain_evals  # held-out stays short vs long
+    by_prompt = {c["prompt"]: c for c in corpus}
+    for r in train:
+        item = by_prompt[r.prompt]
+        answers = {item["short"], item["long"], medium_answer(item["long"])}
+        assert {r.chosen, r.rejected} <= answers and r.chosen != r.rejected
+        shorter = len(r.chosen.split()) < len(r.rejected.split())
+        assert shorter == (r.group == "minority")
+    med = medium_answer(corpus[0]["long"])
+    assert corpus[0]["long"].startswith(med) and med.endswith((".", "!", "?")) and len(med) < len(corpus[0]["long"])
+
+
+def test_long_answer_set_is_held_out_and_2_to_3_times_longer(tmp_path):
+    from pipelines.prepare_data import main as prepare_main
+    from preference_data.length_conflict import LONG_ANSWERS_PATH, long_answer_records
+
+    items = load_corpus(LONG_ANSWERS_PATH)
+    main_prompts = {c["prompt"].strip().lower() for c in load_corpus()}
+    assert len(items) == 30 and not {i["prompt"].strip().lower() for i in items} & main_prompts
+    assert all(10 <= len(i["short"].split()) <= 30 and 80 <= len(i["long"].split()) <= 150 for i in items)
+    records = long_answer_records()
+    assert len(records) == 300 and {r.group for r in records} == {"majority", "minority"}
+    assert all((len(r.chosen.split()) < len(r.rejected.split())) == (r.group == "minority") for r in records)
+    assert len({r.prompt for r in long_answer_records(n_prompts=12)}) == 12
+    assert prepare_main(["length-conflict", "--corpus", "long-answers", "--out", str(tmp_path / "long")]) == 0
+    assert load_records(tmp_path / "long" / "eval.jsonl") == records and not (tmp_path / "long" / "train.jsonl").exists()

@@ -401,13 +401,15 @@ def test_rollout_pairs_seeded_and_first_ratio_is_one(tmp_path, rm_run, ppo_data)
     ro = trainer.rollout(0)
     assert ro.logps.shape == ro.mask.shape == ro.advantages.shape == (8, ro.width)
     assert set(ro.user_ids) <= {None, "a", "b"}
-    # each sample was scored for the user it was generated for
+    # each sample was scored for the user it was generated for, on the actor's own token ids (the RM shares the
+    # tokenizer): decoding the sampled bytes and encoding the text again gives other tokens, and other scores
     prompts = [trainer.prompts[i] for i in ro.prompt_index]
-    assert torch.allclose(ro.raw_scores, reward.score(prompts, ro.responses, ro.user_ids, ro.ended.tolist()))
+    assert torch.allclose(ro.raw_scores, reward.score_ids(prompts, ro.response_ids, ro.user_ids))
+    assert not torch.allclose(ro.raw_scores, reward.score(prompts, ro.responses, ro.user_ids, ro.ended.tolist()))
     swapped = [{"a": "b", "b": "a"}.get(u) for u in ro.user_ids]
-    assert not torch.allclose(ro.raw_scores, reward.score(prompts, ro.responses, swapped, ro.ended.tolist()))
+    assert not torch.allclose(ro.raw_scores, reward.score_ids(prompts, ro.response_ids, swapped))
     m = ro.mask.bool()
-    assert ro.advantages[m].mean().abs() < 1e-5 and (ro.advantages[~m] == 0).all()
+    assert ro.advantages[m].mean().abs() < 1e-5 and (ro.advantages[~m] == 0).all()  # GAE: whitened
     # recomputing on a minibatch reproduces the rollout's log-probs: ratio 1 at the first step
     idx = [5, 1]
     batch = ro.batch(idx, tok.pad_token_id, CPU)
@@ -565,15 +567,22 @@ def test_one_iteration_under_deepspeed_zero2_matches_plain_torch(tmp_path, rm_ru
         return engines[-1]
 
     monkeypatch.setattr(ppo_trainer, "deepspeed_engine", spy)
-    run(load_config(None, ppo_overrides(tmp_path / "plain", ppo_data[0], rm_run)))
+    # SGD: its update is linear in the gradient, so the two layouts' different float summation orders stay at
+    # rounding size in the weights. Under Adam an element whose gradient is near zero moves by about lr * sign(g),
+    # and the sign of a rounding-size gradient depends on the CPU and the reduction order.
+    sgd = {"train.optimizer": "sgd"}
+    run(load_config(None, ppo_overrides(tmp_path / "plain", ppo_data[0], rm_run, **sgd)))
     assert not engines
-    run(load_config(None, ppo_overrides(tmp_path / "ds", ppo_data[0], rm_run, **{"train.deepspeed": str(ds_cfg)})))
+    run(load_config(None, ppo_overrides(tmp_path / "ds", ppo_data[0], rm_run,
+                                        **{"train.deepspeed": str(ds_cfg), **sgd})))
     assert len(engines) == 1 and engines[0][0].zero_optimization_stage() == 2
     a, b = _final_params(tmp_path / "plain"), _final_params(tmp_path / "ds")
+    moved = max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k)  # LoRA B starts at exactly 0
+    assert moved > 1e-5  # the steps are large enough for a wrong update to show
     for k in a:
-        # Adam divides by the gradient's own size, so a row whose gradient is near eps turns float-order noise
-        # (DeepSpeed's flattened fp32 buffers vs torch) into ~1e-5 differences; a wrong update is orders larger.
-        assert torch.allclose(a[k], b[k], atol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+        # gradients are clipped to norm <= 1: each element's rounding difference is a few float32 ulps of a
+        # gradient <= 1, times lr, per step (4 steps here): far below 1e-6
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (k, float((a[k] - b[k]).abs().max()))
     la = json.loads((tmp_path / "plain" / "metrics_log.jsonl").read_text().splitlines()[0])
     lb = json.loads((tmp_path / "ds" / "metrics_log.jsonl").read_text().splitlines()[0])
     assert lb["loss/total"] == pytest.approx(la["loss/total"], abs=1e-6)
@@ -710,3 +719,121 @@ def test_init_user_model_from_rm_copies_the_rms_users(tmp_path, rm_run, ppo_data
     _, backbone, _, _, _ = load_backbone_from_run(out, CPU)
     got = backbone.user_model.implicit.offsets.weight
     assert torch.allclose(got, 0.3 * rm_offsets, atol=1e-9) and got.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ issue 19: the RM route
+
+
+def test_reward_keeps_the_eos_of_a_finished_answer_however_long(rm_run):
+    """An answer longer than the RM's training window is scored whole, EOS included (issue 19, cause 3: a
+    re-encoding cut at the window dropped the EOS of a finished answer and scored it as unfinished)."""
+    reward = load_reward_role(rm_run, CPU)
+    long_text = "Tea matters a lot, " * 20  # far more tokens than data.max_response_length
+    ids = reward._response(long_text, ended=True)
+    assert len(ids) > reward.encoder.max_response and ids[-1] == reward.tokenizer.eos_token_id
+    assert reward._response(long_text, ended=False)[-1] != reward.tokenizer.eos_token_id
+    r_end = reward.score(["Tell me about tea."], [long_text], ["a"], ended=[True])
+    assert torch.allclose(r_end, reward.score_ids(["Tell me about tea."], [ids], ["a"]))
+    assert not torch.allclose(r_end, reward.score(["Tell me about tea."], [long_text], ["a"], ended=[False]))
+
+
+def test_rloo_rollout_uses_one_normalisation(tmp_path, rm_run, ppo_data):
+    """RLOO by default: the RM's raw score, minus the leave-one-out mean of its (prompt, user) siblings, with the KL
+    inside the sequence reward; no per-user scaling before it and no token whitening after it (issue 19, cause 4)."""
+    from policy.ppo.core import rloo_advantages
+    from policy.ppo.trainer import PPOTrainer
+
+    cfg = load_config(None, ppo_overrides(tmp_path / "ppo", ppo_data[0], rm_run, **{
+        "ppo.rollout_batch_size": 8, "ppo.minibatch_size": 4, "ppo.advantage_estimator": "rloo",
+        "ppo.samples_per_prompt": 4, "ppo.kl_coef": 0.1}))
+    vocab = UserVocab.load(rm_run / "users.json")
+    modules, actor, critic, reference, tok = build_roles(cfg, len(vocab), CPU)
+    with torch.no_grad():  # a policy away from the reference, so that the KL term is not zero
+        for name, param in modules.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    trainer = PPOTrainer(cfg, tmp_path / "ppo", modules, actor, critic, reference, load_reward_role(rm_run, CPU),
+                         tok, vocab, ["Tell me about tea.", "Tell me about salt."])
+    ro = trainer.rollout(0)
+    assert torch.equal(ro.scores, ro.raw_scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip))
+    expected = rloo_advantages(ro.raw_scores, ro.kl, ro.mask, 0.1, [i // 4 for i in range(8)])
+    assert torch.equal(ro.advantages, expected)
+    seq = ro.advantages[:, 0]
+    assert torch.allclose(seq.view(2, 4).sum(1), torch.zeros(2), atol=1e-5)  # each group sums to zero
+    assert float(ro.kl.abs().sum()) > 0
+
+
+def test_the_actor_starts_exactly_at_pi_sft(tmp_path, rm_run, ppo_data):
+    """From a train_sft run the first rollout carries no KL at all, for every user (issue 19, cause 5: the RM's
+    rows and a random e_0 made the first rollouts differ from pi_SFT before any update)."""
+    from pipelines.train_sft import run as run_sft
+    from policy.ppo.trainer import PPOTrainer
+
+    train = ppo_data[0]
+    run_sft(load_config(None, [f"output_dir={tmp_path / 'sft'}", "model.name=tiny-random", "report_to=none",
+                               f"data.train_path={train}", "train.max_steps=3", "train.lr=0.03",
+                               "user_model.kind=uniform", "user_model.n_tokens=4"]))
+    cfg = load_config(None, ppo_overrides(tmp_path / "ppo", train, rm_run, **{
+        "model.sft_run": str(tmp_path / "sft"), "user_model.n_tokens": 4, "ppo.rollout_batch_size": 8,
+        "ppo.minibatch_size": 4, "ppo.advantage_estimator": "rloo", "ppo.samples_per_prompt": 2,
+        "ppo.generic_user_share": 0.25}))
+    vocab = UserVocab.load(rm_run / "users.json")
+    modules, actor, critic, reference, tok = build_roles(cfg, len(vocab), CPU)
+    trainer = PPOTrainer(cfg, tmp_path / "ppo", modules, actor, critic, reference, load_reward_role(rm_run, CPU),
+                         tok, vocab, ["Tell me about tea.", "Tell me about salt."])
+    ro = trainer.rollout(0)
+    assert {u for u in ro.user_ids} >= {None, "a"} or {u for u in ro.user_ids} >= {None, "b"}
+    assert torch.equal(ro.logps, ro.ref_logps) and float(ro.kl.abs().max()) == 0.0
+
+
+def test_rm_gated_user_rows_start_at_zero_learn_one_number_per_user_and_fold(tmp_path, rm_run, ppo_data):
+    """ppo.init_user_model=rm_gated: o_i = g_i * (the RM's row of user i), g_i learned from 0, the free offsets
+    frozen; at g = 0 the actor is its start; saved runs hold the folded offsets (a plain individual model)."""
+    from policy.ppo.roles import PPOModules, gate_user_model_on_rm, new_value_head
+    from common.trainer import make_optimizer
+
+    cfg = load_config(None, ppo_overrides(tmp_path / "ppo", ppo_data[0], rm_run, **{
+        "ppo.init_user_model": "rm_gated", "user_model.n_tokens": 4}))
+    vocab = UserVocab.load(rm_run / "users.json")
+    modules, actor, critic, reference, tok = build_roles(cfg, len(vocab), CPU)
+    reward = load_reward_role(rm_run, CPU)
+    um = modules.actor.user_model
+    users = torch.tensor([0, 1, 2])
+    before = um(users).embeds.detach().clone()
+    gate_user_model_on_rm(um, reward)
+    assert torch.equal(um(users).embeds, before)  # g = 0: nothing moved
+    rm_rows = reward.model.backbone.user_model.implicit.offsets.weight
+    groups = modules.param_groups(cfg)
+    tables = [p for g in groups if g.get("lazy") for p in g["params"]]
+    assert tables == [um.implicit.gates.weight]  # one number per user is what learns (the offsets are frozen)
+    opt = make_optimizer(groups, cfg)
+    (um(torch.tensor([1])).embeds * torch.randn(1, 4, um.implicit.dim)).sum().backward()
+    opt.step()
+    g = um.implicit.gates.weight.detach()
+    assert g[1].abs().item() > 0 and g[2].item() == 0 and g[0].item() == 0  # only the batch's user moved
+    moved = um(users).embeds.detach().clone()
+    expected = um.implicit.generic.detach() + (g[1] * rm_rows[1]).view(4, -1)  # e_0 (shared) moved too
+    assert torch.allclose(moved[1], expected, atol=1e-6)
+    um.implicit.fold_gates()
+    assert um.implicit.gates is None and um.implicit.offsets.weight.requires_grad
+    assert torch.allclose(um(users).embeds, moved, atol=1e-6)
+    with pytest.raises(ConfigError, match="rm_gated"):
+        cluster = load_config(None, ppo_overrides(tmp_path / "c", ppo_data[0], rm_run, **{
+            "user_model.kind": "cluster", "user_model.n_tokens": 4}))
+        gate_user_model_on_rm(build_roles(cluster, len(vocab), CPU)[0].actor.user_model, reward)
+
+
+def test_clipped_policy_loss_sequence_aggregation_hand_computed():
+    from policy.ppo.core import clipped_policy_loss
+
+    logp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
+    adv = torch.tensor([[3.0, 3.0, 3.0], [-1.0, -1.0, -1.0]]) * mask
+    tok, _, _ = clipped_policy_loss(logp, torch.zeros(2, 3), adv, mask, 0.2, "token")
+    seq, _, _ = clipped_policy_loss(logp, torch.zeros(2, 3), adv, mask, 0.2, "sequence")
+    assert tok.item() == pytest.approx((-3 + 1 + 1 + 1) / 4)  # every token weighs 1/4
+    assert seq.item() == pytest.approx((-3 + 1) / 2)  # every sample weighs 1/2: the one-token answer as much
+    seq.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-1.5, 0, 0], [1 / 6, 1 / 6, 1 / 6]]))
+    with pytest.raises(ValueError, match="aggregation"):
+        clipped_policy_loss(logp, torch.zeros(2, 3), adv, mask, 0.2, "sum")

@@ -264,3 +264,48 @@ def test_embedded_model_is_built_once_when_processes_start_together(tmp_path, mo
     for t in threads:
         t.join()
     assert len(builds) == 1 and len(set(results)) == 1 and (results[0] / "config.json").exists()
+
+
+def test_early_stopping_keeps_the_best_evaluation_and_resumes_to_the_same_stop(tmp_path):
+    """train.early_stopping_patience: stop after `patience` evaluations without a better held-out loss, restore the
+    best evaluation's weights; a run resumed from a checkpoint in between stops at the same step with the same best."""
+    from common.config import load_config
+    from common.trainer import TrainLoop
+
+    losses = {1: 1.0, 2: 0.6, 3: 0.7, 4: 0.65, 5: 0.9, 6: 0.5}  # best at 2, then 3 evaluations without improving
+
+    def make(run_dir, max_steps=8):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(3, 1)
+        cfg = load_config(None, ["train.max_steps=%d" % max_steps, "train.eval_every=1", "train.save_every=1",
+                                 "train.early_stopping_patience=3", "train.lr=0.1", "report_to=none",
+                                 "data.eval_path=unused.jsonl", f"output_dir={run_dir}"])
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+
+        def loss_fn(step, micro):
+            return module(x).pow(2).mean(), {}
+
+        seen = {}
+
+        def eval_fn(step):
+            seen[step] = module.weight.detach().clone()
+            return {"eval/loss": losses[step]}
+
+        groups = [{"params": list(module.parameters()), "lr": 0.1, "weight_decay": 0.0}]
+        return TrainLoop(cfg, run_dir, module, groups, loss_fn, eval_fn=eval_fn), module, seen
+
+    loop, module, seen = make(tmp_path / "a")
+    result = loop.run()
+    assert result["early_stopping"]["stopped_at"] == 5 and result["early_stopping"]["best_step"] == 2
+    assert result["steps"] == 5 and result["early_stopping"]["restored_best"]
+    assert torch.equal(module.weight.detach(), seen[2])  # the best evaluation's weights, not the last step's
+    assert [h["eval/loss"] for h in loop.history if "eval/loss" in h] == [1.0, 0.6, 0.7, 0.65, 0.9]
+
+    # interrupted after step 3 (its checkpoint holds the counters), then resumed: the same stop and weights
+    loop_b, _, _ = make(tmp_path / "b", max_steps=3)
+    loop_b.cfg.train.early_stopping_patience = 3
+    loop_b.run()
+    loop_c, module_c, _ = make(tmp_path / "b")
+    result_c = loop_c.run()
+    assert result_c["resumed_from"] == 2 and result_c["early_stopping"]["stopped_at"] == 5
+    assert torch.equal(module_c.weight.detach(), seen[2])

@@ -174,22 +174,39 @@ def test_train_rm_under_deepspeed_zero2_matches_plain_torch(tmp_path, toy_data, 
         assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
-def test_degenerate_negative_pairs_keep_prompt_user_and_chosen():
+def test_degenerate_negative_pairs_keep_prompt_user_and_a_real_answer():
     from reward.degenerate import degenerate_negative_pairs
 
     eos = 2
-    pairs = [EncodedPair([10 + i, 11], [20 + i, 21, eos], [30, 31, 32], i % 3, []) for i in range(8)]
-    extra = degenerate_negative_pairs(pairs, 0.5, eos, max_len=5, seed=0)
-    assert len(extra) == 4
-    assert extra == degenerate_negative_pairs(pairs, 0.5, eos, max_len=5, seed=0)  # seeded
+    pairs = [EncodedPair([10 + i, 11], [20 + i, 21, eos], [30 + i, 31, 32], i % 3, []) for i in range(40)]
+    extra = degenerate_negative_pairs(pairs, 0.5, eos, max_len=8, seed=0)
+    assert len(extra) == 20
+    assert extra == degenerate_negative_pairs(pairs, 0.5, eos, max_len=8, seed=0)  # seeded
     by_prompt = {tuple(p.prompt_ids): p for p in pairs}
+    sides, run_lengths, run_ends = set(), set(), set()
     for k, e in enumerate(extra):
         src = by_prompt[tuple(e.prompt_ids)]
-        assert (e.chosen_ids, e.user_idx) == (src.chosen_ids, src.user_idx)
-        # the kinds in turn: nothing; the answer's first token repeated to the limit without EOS; its first two
-        # tokens looped to the limit; its own tokens in another order, EOS kept
-        a, b = src.chosen_ids[:2]
-        assert e.rejected_ids == [[eos], [a] * 5, [a, b, a, b, a], [b, a, eos]][k % 4]
+        assert e.user_idx == src.user_idx
+        # preferred: one of the record's real answers (also the one its user liked less)
+        side = "chosen" if e.chosen_ids == src.chosen_ids else "rejected"
+        assert e.chosen_ids == getattr(src, f"{side}_ids")
+        sides.add(side)
+        a, b = e.chosen_ids[:2]
+        bad = e.rejected_ids
+        # the kinds in turn: nothing; the answer's first token repeated; its first two tokens looped (a random
+        # length up to the limit, EOS or not); its own tokens in another order, its EOS kept
+        if k % 4 == 0:
+            assert bad == [eos]
+        elif k % 4 == 1:
+            body = bad[:-1] if bad[-1] == eos else bad
+            assert set(body) == {a} and 4 <= len(body) <= 8
+            run_lengths.add(len(body)), run_ends.add(bad[-1] == eos)
+        elif k % 4 == 2:
+            body = bad[:-1] if bad[-1] == eos else bad
+            assert body == ([a, b] * 8)[:len(body)] and 4 <= len(body) <= 8
+        else:
+            assert sorted(bad) == sorted(e.chosen_ids) and bad != e.chosen_ids
+    assert sides == {"chosen", "rejected"} and len(run_lengths) > 1 and run_ends == {True, False}
     assert degenerate_negative_pairs(pairs, 0.0, eos, 5, 0) == []
 
 
@@ -253,3 +270,41 @@ def test_center_rewards_penalty_applies_with_either_estimator(tmp_path, estimato
         trainer = RewardModelTrainer(cfg, rm, pairs, tok.pad_token_id, "cpu", tmp_path / f"{estimator}{coef}")
         losses.append(trainer.loss(0, 0)[0].item())
     assert losses[1] > losses[0] + 100.0  # coef * mean((r_w + r_l)^2) with r near 3: about 100 * 36
+
+
+def test_train_rm_logs_the_held_out_loss_and_can_stop_early(tmp_path, toy_data):
+    """train.eval_every logs the training objective on the held-out pairs (eval/loss, the learning curve);
+    train.early_stopping_patience stops on it and says so in run.json."""
+    import json
+
+    from conftest import tiny_overrides
+    from pipelines.train_rm import run
+
+    train, evals = toy_data
+    run(load_config(None, tiny_overrides(tmp_path, train, evals, **{
+        "train.max_steps": 12, "train.eval_every": 2, "train.early_stopping_patience": 1, "train.lr": 0.05,
+        "train.early_stopping_min_delta": 10.0})))  # no evaluation can improve by 10: stops at the second one
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics_log.jsonl").read_text().splitlines()]
+    held = [r for r in log if "eval/loss" in r]
+    assert [r.get("_step", r.get("step")) for r in held][:1] and all(r["eval/loss"] > 0 for r in held)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    es = info["train"]["early_stopping"]
+    assert es["stopped_at"] == 4 and es["best_step"] == 2 and es["restored_best"]
+    assert (tmp_path / "run" / "plots" / "train_loss.png").exists()
+
+
+def test_evaluate_scores_whole_answers_unless_told_and_says_which(tmp_path, toy_data):
+    """evaluate scores held-out responses whole, whatever window the run trained with; eval.max_response_length
+    cuts them, and metrics.json says so (issue 19: a reward that held only inside the window looked better)."""
+    from conftest import tiny_overrides
+    from pipelines.evaluate import evaluate_run
+    from pipelines.train_rm import run
+
+    train, evals = toy_data
+    run(load_config(None, tiny_overrides(tmp_path, train, evals, **{"data.max_response_length": 8})))
+    whole = evaluate_run(tmp_path / "run", evals, tmp_path / "whole", ["report_to=none"])
+    assert whole["scoring"]["complete"] and whole["scoring"]["truncated_responses"] == 0
+    assert whole["scoring"]["max_response_length"] > 100
+    cut = evaluate_run(tmp_path / "run", evals, tmp_path / "cut", ["report_to=none", "eval.max_response_length=8"])
+    assert not cut["scoring"]["complete"] and cut["scoring"]["truncated_responses"] > 0
+    assert "cut at 8 tokens" in (tmp_path / "cut" / "report.md").read_text()

@@ -175,6 +175,9 @@ def test_shared_lr_zero_freezes_only_the_shared_parts(kind):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(shared_before, um.implicit.shared_parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(per_user_before, um.implicit.user_parameters(1)))
-    # without shared_lr every user-model parameter is in one group at user_model.lr
-    one = user_model_groups([um], load_config(None, ["user_model.lr=0.1"]))
-    assert len(one) == 1 and len(one[0]["params"]) == len(list(um.parameters()))
+    # without shared_lr every user-model parameter learns at user_model.lr; the per-user table in a group of its own
+    # (the lazy optimizer moves only the batch's rows)
+    groups = user_model_groups([um], load_config(None, ["user_model.lr=0.1"]))
+    assert {g["lr"] for g in groups} == {0.1}
+    assert sum(len(g["params"]) for g in groups) == len(list(um.parameters()))
+    assert [g["params"] for g in groups if g.get("lazy")] == [um.user_tables()]

@@ -91,16 +91,46 @@ class IndividualUserModel(ImplicitUserModel):
         self.generic = nn.Parameter(init.clone() if init is not None else torch.zeros(n_tokens, dim))
         # padding_idx=0 keeps o_0 at zero and never gives it a gradient.
         self.offsets = nn.Embedding(n_users + 1, n_tokens * dim, padding_idx=0, sparse=sparse)
+        self.gates: nn.Embedding | None = None  # see gate_directions
         with torch.no_grad():
             self.offsets.weight.normal_(0.0, offset_std) if offset_std > 0 else self.offsets.weight.zero_()
             self.offsets.weight[0].zero_()
 
     def forward(self, user_idx: torch.Tensor) -> torch.Tensor:
         self._check(user_idx)
-        offsets = self.offsets(user_idx).view(-1, self.n_tokens, self.dim)
-        return self.generic.unsqueeze(0) + offsets
+        offsets = self.offsets(user_idx)
+        if self.gates is not None:
+            offsets = offsets + self.gates(user_idx) * self.directions[user_idx]
+        return self.generic.unsqueeze(0) + offsets.view(-1, self.n_tokens, self.dim)
+
+    def gate_directions(self, directions: torch.Tensor) -> None:
+        """Make each user's offset o_i = g_i * D_i: a fixed direction per user (row i of `directions`, [m + 1,
+        T_u * d], e.g. the user's row of a trained reward model) times a learned scalar gate g_i that starts at 0;
+        the free offsets are frozen (at their current value, 0 for a fresh model). At g = 0 the model is what it
+        was. Learning one number per user from a handful of samples is far less noisy than learning T_u * d of them.
+        `fold_gates` writes g_i * D_i into the offsets (a plain individual model again, what is saved)."""
+        if self.gates is not None:
+            raise RuntimeError("the offsets are gated already")
+        if tuple(directions.shape) != tuple(self.offsets.weight.shape):
+            raise ValueError(f"directions must be {tuple(self.offsets.weight.shape)}, got {tuple(directions.shape)}")
+        self.register_buffer("directions", directions.detach().to(self.offsets.weight).clone(), persistent=False)
+        self.gates = nn.Embedding(self.n_users + 1, 1, padding_idx=0, device=self.offsets.weight.device)
+        with torch.no_grad():
+            self.gates.weight.zero_()
+        self.offsets.weight.requires_grad_(False)
+
+    def fold_gates(self) -> None:
+        if self.gates is None:
+            return
+        with torch.no_grad():
+            self.offsets.weight += self.gates.weight * self.directions
+        self.gates = None
+        del self.directions
+        self.offsets.weight.requires_grad_(True)
 
     def add_users(self, n_new: int) -> list[int]:
+        if self.gates is not None:
+            raise RuntimeError("fold the gates (fold_gates) before adding users")
         start = self.n_users + 1
         init = torch.zeros(n_new, self.n_tokens * self.dim)
         self.offsets = _grow_embedding(self.offsets, n_new, init)
@@ -108,7 +138,7 @@ class IndividualUserModel(ImplicitUserModel):
         return list(range(start, start + n_new))
 
     def user_parameters(self, user_idx: int) -> list[nn.Parameter]:
-        return [self.offsets.weight]
+        return [self.offsets.weight] + ([self.gates.weight] if self.gates is not None else [])
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return [self.generic]

@@ -69,6 +69,11 @@ class UserModel(nn.Module):
         ex = self.explicit(text_ids, text_mask, embed_tokens)
         return UserPrefix(torch.cat([implicit, ex.embeds.to(implicit.dtype)], 1), torch.cat([mask, ex.mask.long()], 1))
 
+    def user_tables(self) -> list[nn.Parameter]:
+        """The parameters whose row i is user i's own (individual offsets, cluster logits; none for uniform): an
+        optimizer should move only the rows of the users it saw."""
+        return list(self.implicit.user_parameters(0))
+
     def sparse_tables(self) -> list[nn.Parameter]:
         """Embedding tables built with sparse gradients (`sparse=True`): one row per user."""
         return [m.weight for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse]

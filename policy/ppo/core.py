@@ -98,8 +98,13 @@ def per_token_kl_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                        clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO-clip surrogate (Schulman et al. 2017), token-level mean over the real tokens.
+                        clip: float, aggregation: str = "token") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO-clip surrogate (Schulman et al. 2017) over the real tokens.
+
+    `aggregation`: "token" averages over every real token of the batch (each token weighs the same: a 60-token
+    answer weighs six times a 10-token one); "sequence" averages each sample's tokens first, then the samples (as
+    the original GRPO): every sample weighs the same, so the few tokens of a short answer, its EOS among them,
+    carry as much of the update as a long answer's many.
 
     Returns (loss, clipfrac, approx_kl): clipfrac is the share of tokens where the clipped term is the active one;
     approx_kl the k3 estimate mean((r - 1) - log r) of KL(pi_old || pi) (non-negative, unbiased).
@@ -109,7 +114,14 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if aggregation == "sequence":
+        has_tokens = mask.sum(1) > 0
+        loss = masked_mean(per_token, mask, dim=1)[has_tokens].mean() if bool(has_tokens.any()) else per_token.sum() * 0
+    elif aggregation == "token":
+        loss = masked_mean(per_token, mask)
+    else:
+        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).to(logp.dtype), mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)

@@ -4,7 +4,8 @@
 - `Critic`: a value head nn.Linear(d, 1) read on the hidden states of [prefix, prompt, response], either on the
   actor's backbone (`ppo.critic=shared`: one forward serves both) or on a backbone of its own (`separate`: own
   LoRA, own user model).
-- `Reference`: pi_SFT(y | x), the actor with adapters disabled and *no* user prefix (the paper's reference).
+- `Reference`: pi_SFT(y | x), the actor with adapters disabled and the user-agnostic reference prefix (the
+  paper's reference; see `common.backbone.PersonalizedBackbone`).
 - `Reward`: the frozen personalized reward model of a finished `train_rm` run, with *its own* user model, user
   vocabulary and tokenizer. A sample is scored for the user it was generated for, found by its source user id.
 
@@ -63,7 +64,7 @@ class _SamplingHead:
         self.head, self.temperature, self.eos_id, self.no_eos = head, temperature, eos_id, no_eos
 
     def __call__(self, h):
-        logits = self.head(h)
+        logits = self.head(h.to(self.head.weight.dtype))
         if self.temperature != 1.0:
             logits = logits / self.temperature
         if self.eos_id is not None and self.no_eos is not None and bool(self.no_eos.any()):
@@ -156,7 +157,8 @@ class Critic:
 
 
 class Reference:
-    """pi_SFT(y | x): the actor's backbone with adapters off and no user prefix, whatever the sample's user."""
+    """pi_SFT(y | x): the actor's backbone with adapters off and the reference prefix (train_sft's generic soft
+    prompt), whatever the sample's user."""
 
     def __init__(self, backbone: PersonalizedBackbone, temperature: float = 1.0, eos_id: int | None = None,
                  min_new_tokens: int = 0):
@@ -167,18 +169,19 @@ class Reference:
     @torch.no_grad()
     def token_logps(self, batch: dict, width: int) -> torch.Tensor:
         with self.backbone.reference() as ref_lm:
-            hidden, inputs = self.backbone.hidden_states(batch, use_prefix=False, lm=ref_lm)
+            hidden, inputs = self.backbone.hidden_states(batch, lm=ref_lm, reference=True)
             logps, _, _ = _token_logps(hidden, inputs.labels, ref_lm.lm_head, self.temperature, width, False,
                                        self.eos_id, self.min_new_tokens)
         return logps
 
 
 class Reward:
-    """The frozen reward model of a `train_rm` run, scoring text for a source user id.
+    """The frozen reward model of a `train_rm` run, scoring answers for a source user id.
 
-    Scoring goes through text: the prompt string and the decoded response are tokenised with the RM's own
-    tokenizer and chat template, so the RM may sit on another base model than the actor. A response that ended with
-    EOS gets the RM's EOS appended (as in RM training); one cut by max_new_tokens does not.
+    Answers are scored whole, however long: a response that ended with EOS keeps its EOS (as every complete answer
+    in RM training did), one cut by max_new_tokens has none. PPO's rollouts are scored on the actor's own token ids
+    when the RM shares the actor's tokenizer (`score_rollout`): decoding and re-encoding can change the tokens.
+    Otherwise (an RM on another base model) the text is re-encoded with the RM's tokenizer and chat template.
     """
 
     def __init__(self, model, tokenizer, vocab: UserVocab, cfg: Config, run_dir: Path | None = None):
@@ -191,6 +194,7 @@ class Reward:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.encoder = PairEncoder.from_config(tokenizer, cfg)
         self._prompt_cache: dict[str, list[int]] = {}
+        self._same_tokenizer: dict[int, bool] = {}
 
     @property
     def device(self) -> torch.device:
@@ -200,37 +204,65 @@ class Reward:
         """The RM's index of a source user id (unseen or None: the generic user 0)."""
         return self.vocab.index(user_id)
 
+    def shares_tokenizer(self, tokenizer) -> bool:
+        """Whether token ids of `tokenizer` mean the same to the RM (same vocabulary and EOS)."""
+        key = id(tokenizer)
+        if key not in self._same_tokenizer:
+            self._same_tokenizer[key] = (tokenizer is self.tokenizer or (
+                tokenizer.eos_token_id == self.tokenizer.eos_token_id
+                and tokenizer.get_vocab() == self.tokenizer.get_vocab()))
+        return self._same_tokenizer[key]
+
     def _prompt(self, prompt: str) -> list[int]:
         if prompt not in self._prompt_cache:
             self._prompt_cache[prompt] = self.encoder.prompt_ids(prompt, "ppo prompt")
         return self._prompt_cache[prompt]
 
     def _response(self, text: str, ended: bool) -> list[int]:
-        if ended:
-            return self.encoder.response_ids(text)
-        return self.tokenizer(text, add_special_tokens=False).input_ids[: self.encoder.max_response]
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return ids + [self.tokenizer.eos_token_id] if ended else ids
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str], user_ids: list[str | None],
-              ended: list[bool] | None = None, user_texts: list[str | None] | None = None,
-              batch_size: int = 16) -> torch.Tensor:
-        """r(x, y, u) [N] (float32, CPU), row i for `user_ids[i]`."""
+    def score_ids(self, prompts: list[str], response_ids: list[list[int]], user_ids: list[str | None],
+                  user_texts: list[str | None] | None = None, batch_size: int = 16) -> torch.Tensor:
+        """r(x, y, u) [N] (float32, CPU) of responses given as the RM tokenizer's ids (EOS included where the answer
+        ended), each for `user_ids[i]`; prompts are laid out with the RM's own chat template."""
         n = len(prompts)
-        if not (len(responses) == len(user_ids) == n):
-            raise ValueError("prompts, responses and user_ids must have the same length")
-        ended = ended if ended is not None else [True] * n
+        if not (len(response_ids) == len(user_ids) == n):
+            raise ValueError("prompts, response_ids and user_ids must have the same length")
         user_texts = user_texts if user_texts is not None else [None] * n
         pad_id = self.tokenizer.pad_token_id
         out = []
         for s in range(0, n, batch_size):
             sl = range(s, min(s + batch_size, n))
-            batch = collate_sequences([self._prompt(prompts[i]) for i in sl],
-                                      [self._response(responses[i], ended[i]) for i in sl],
+            batch = collate_sequences([self._prompt(prompts[i]) for i in sl], [list(response_ids[i]) for i in sl],
                                       [self.user_index(user_ids[i]) for i in sl],
                                       [self.encoder.text_ids(user_texts[i]) for i in sl], pad_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out.append(self.model(batch).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], user_ids: list[str | None],
+              ended: list[bool] | None = None, user_texts: list[str | None] | None = None,
+              batch_size: int = 16) -> torch.Tensor:
+        """r(x, y, u) [N] (float32, CPU) of response texts, row i for `user_ids[i]`; `ended[i]` (default True)
+        appends the RM's EOS."""
+        if not (len(prompts) == len(responses) == len(user_ids)):
+            raise ValueError("prompts, responses and user_ids must have the same length")
+        ended = ended if ended is not None else [True] * len(prompts)
+        ids = [self._response(t, e) for t, e in zip(responses, ended)]
+        return self.score_ids(prompts, ids, user_ids, user_texts, batch_size)
+
+    @torch.no_grad()
+    def score_rollout(self, prompts: list[str], response_ids: list[list[int]], texts: list[str], ended: list[bool],
+                      user_ids: list[str | None], tokenizer, user_texts: list[str | None] | None = None,
+                      batch_size: int = 16) -> torch.Tensor:
+        """Scores of sampled responses: the actor's own token ids (EOS kept) when the RM shares `tokenizer`, else
+        the decoded texts re-encoded (with the RM's EOS where the response ended)."""
+        if self.shares_tokenizer(tokenizer):
+            return self.score_ids(prompts, response_ids, user_ids, user_texts, batch_size)
+        return self.score(prompts, texts, user_ids, ended, user_texts, batch_size)
 
     @torch.no_grad()
     def score_texts_per_user(self, generation: dict, users: dict[str, int] | None = None) -> dict[str, float]:
@@ -281,22 +313,41 @@ def check_rm_run(rm_run: str | None, key: str = "ppo.rm_run") -> Path:
     return run
 
 
-def init_user_model_from_rm(target: UserModel, reward: Reward, scale: float = 1.0) -> None:
-    """Start `target`'s per-user parameters (individual o_i, cluster logits a_i) from the RM's trained ones times
-    `scale` (`ppo.init_user_model=rm`); its shared part (e_0, the centres) keeps its own init. The actor's users are
-    the RM's users (same vocabulary, same indices), so a user's row carries over as is; a different kind or shape
-    is a config error naming the key."""
-    source = reward.model.backbone.user_model
+def _check_same_user_model(target: UserModel, source: UserModel, how: str) -> None:
     want = {k: v for k, v in source.describe().items() if k not in ("dtype", "num_parameters")}
     have = {k: v for k, v in target.describe().items() if k not in ("dtype", "num_parameters")}
     if want != have:
         diff = {k: (have.get(k), want.get(k)) for k in want.keys() | have.keys() if have.get(k) != want.get(k)}
-        raise ConfigError(f"config key 'ppo.init_user_model' = 'rm': the actor's user model does not match the RM's "
-                          f"({', '.join(f'{k}: {a} here vs {b} in the RM' for k, (a, b) in sorted(diff.items()))}); "
-                          "set user_model.* like the RM run's config, or use 'fresh'")
+        raise ConfigError(f"config key 'ppo.init_user_model' = '{how}': the actor's user model does not match the "
+                          f"RM's ({', '.join(f'{k}: {a} here vs {b} in the RM' for k, (a, b) in sorted(diff.items()))})"
+                          "; set user_model.* like the RM run's config, or use 'fresh'")
+
+
+def init_user_model_from_rm(target: UserModel, reward: Reward, scale: float = 1.0) -> None:
+    """Start `target`'s per-user parameters (individual o_i, cluster logits a_i) from the RM's trained ones times
+    `scale` (`ppo.init_user_model=rm`); its shared part (e_0, the centres) keeps its own init. The actor's users are
+    the RM's users (same vocabulary, same indices), so a user's row carries over as is; a different kind or shape
+    is a config error naming the key. The actor then no longer starts at pi_SFT."""
+    source = reward.model.backbone.user_model
+    _check_same_user_model(target, source, "rm")
     with torch.no_grad():
         for mine, theirs in zip(target.implicit.user_parameters(1), source.implicit.user_parameters(1)):
             mine.copy_(theirs.to(mine) * scale)
+
+
+def gate_user_model_on_rm(target: UserModel, reward: Reward) -> None:
+    """`ppo.init_user_model=rm_gated`: each user's offset is the RM's trained row of that user times a learned
+    scalar gate that starts at 0 (`IndividualUserModel.gate_directions`). The actor starts exactly at pi_SFT, and
+    PPO learns one number per user along a direction the RM found for that user (users the RM found alike point
+    alike), instead of T_u x d numbers from a few noisy rollouts per iteration. Individual user models only."""
+    from user_models.implicit import IndividualUserModel
+
+    source = reward.model.backbone.user_model
+    _check_same_user_model(target, source, "rm_gated")
+    if not isinstance(target.implicit, IndividualUserModel):
+        raise ConfigError("config key 'ppo.init_user_model' = 'rm_gated' needs user_model.kind=individual (its "
+                          f"offsets are gated RM rows), got {target.kind!r}; use 'fresh' or 'rm'")
+    target.implicit.gate_directions(source.implicit.offsets.weight.detach())
 
 
 def load_reward_role(rm_run: str | Path, device: torch.device | str) -> Reward:
@@ -355,7 +406,7 @@ def build_roles(cfg: Config, n_users: int, device: torch.device):
 
     torch.manual_seed(cfg.seed)  # the actor's init does not depend on what was built before it
     backbone, tokenizer = build_backbone(cfg, n_users, device)
-    head = new_value_head(backbone.hidden_size, next(backbone.lm.parameters()).dtype).to(device)
+    head = new_value_head(backbone.hidden_size, torch.float32).to(device)  # trained: float32 (common.precision)
     critic_backbone = None
     if cfg.ppo.critic == "separate":
         torch.manual_seed(cfg.seed + 1)
@@ -374,4 +425,4 @@ def user_key(user_id: str | None) -> str:
 
 
 __all__ = ["Actor", "Critic", "Reference", "Reward", "PPOModules", "build_roles", "check_rm_run",
-           "load_reward_role", "init_user_model_from_rm", "new_value_head", "response_index", "user_key", "RM_HEAD", "VALUE_HEAD", "GENERIC"]
+           "load_reward_role", "init_user_model_from_rm", "gate_user_model_on_rm", "new_value_head", "response_index", "user_key", "RM_HEAD", "VALUE_HEAD", "GENERIC"]

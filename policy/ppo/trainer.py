@@ -113,6 +113,7 @@ class PPOTrainer:
     def __init__(self, cfg: Config, run_dir: Path, modules: PPOModules, actor: Actor, critic: Critic,
                  reference: Reference, reward: Reward, tokenizer, vocab: UserVocab, prompts: list[str],
                  user_texts: dict[str, str] | None = None, tracker: Tracker | None = None,
+                 user_groups: dict[str, str] | None = None,
                  device: torch.device | None = None):
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
@@ -125,6 +126,7 @@ class PPOTrainer:
         self.prompts = list(prompts)
         self.users = vocab.ids  # seen users, drawn uniformly
         self.user_texts = dict(user_texts or {})
+        self.user_groups = dict(user_groups or {})  # source user id -> group (reporting only)
         self.tracker = tracker
         self.encoder = PairEncoder.from_config(tokenizer, cfg)
         self.prompt_ids = [self.encoder.prompt_ids(p, f"prompt {i + 1}") for i, p in enumerate(self.prompts)]
@@ -271,10 +273,11 @@ class PPOTrainer:
         ended = torch.tensor([len(r) > 0 and r[-1] == self.eos_id for r in responses])
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
 
-        # 3. the RM scores each response for the user it was generated for
-        raw = self.reward.score([self.prompts[i] for i, _ in pairs], texts, user_ids, ended.tolist(),
-                                [self.user_texts.get(u) for u in user_ids] if self.user_texts else None,
-                                batch_size=p.minibatch_size)
+        # 3. the RM scores each response for the user it was generated for, on the actor's own tokens
+        raw = self.reward.score_rollout([self.prompts[i] for i, _ in pairs], responses, texts, ended.tolist(),
+                                        user_ids, self.tokenizer,
+                                        [self.user_texts.get(u) for u in user_ids] if self.user_texts else None,
+                                        batch_size=p.minibatch_size)
         scores = self.shape_all_ranks(raw, ended, user_ids, iteration)
 
         # 4. old log-probs, values, reference log-probs
@@ -294,7 +297,7 @@ class PPOTrainer:
             ref_logps.append(self.reference.token_logps(batch, width).float().cpu())
         ro.logps, ro.ref_logps, ro.values, ro.mask = (torch.cat(x) for x in (logps, ref_logps, values, masks))
 
-        # 5. KL-penalised per-token rewards, GAE, whitening
+        # 5. KL-penalised rewards; RLOO: each sample against its siblings, nothing on top; GAE: whitened
         ro.rewards, ro.kl = per_token_kl_rewards(ro.logps, ro.ref_logps, ro.mask, self.kl_ctl.value, scores)
         if p.advantage_estimator == "rloo":
             k = p.samples_per_prompt
@@ -303,7 +306,8 @@ class PPOTrainer:
             ro.returns = ro.values  # zeros: no critic is run or trained
         else:
             ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, ro.mask, p.gamma, p.lam)
-        if p.whiten_advantages:
+        whiten_advantages = p.whiten_advantages if p.whiten_advantages is not None else p.advantage_estimator == "gae"
+        if whiten_advantages:
             ro.advantages = whiten(ro.advantages, ro.mask,
                                    sum_over_ranks=dist.sum_over_ranks if dist.world_size() > 1 else None)
         n_tokens = int(ro.mask.sum())
@@ -343,7 +347,8 @@ class PPOTrainer:
                 hidden, inputs = self.actor.hidden(batch)
                 logp, _, entropy = self.actor.token_logps(hidden, inputs, ro.width, with_entropy=True)
                 pg_loss, clipfrac, approx_kl = clipped_policy_loss(
-                    logp, ro.logps[idx].to(self.device), ro.advantages[idx].to(self.device), mask, p.clip_range)
+                    logp, ro.logps[idx].to(self.device), ro.advantages[idx].to(self.device), mask, p.clip_range,
+                    p.loss_aggregation)
                 if self.uses_critic:
                     values = self.critic.values(batch, ro.width, hidden, inputs)
                     vf_loss, vf_clipfrac = clipped_value_loss(values, ro.values[idx].to(self.device),
@@ -387,10 +392,21 @@ class PPOTrainer:
         seq_kl = ro.kl.sum(1)
         reward_u = {u: float(ro.raw_scores[ix].mean()) for u, ix in sorted(by_user.items())}
         words_u = {u: float(words[ix].mean()) for u, ix in sorted(by_user.items())}
+        by_group: dict[str, list[int]] = defaultdict(list)
+        for i, u in enumerate(ro.user_ids):
+            g = self.user_groups.get(u) if u is not None else None
+            if g:
+                by_group[g].append(i)
+        reward_g = {g: float(ro.raw_scores[ix].mean()) for g, ix in sorted(by_group.items())}
+        words_g = {g: float(words[ix].mean()) for g, ix in sorted(by_group.items())}
+        kl_g = {g: float(seq_kl[ix].mean()) for g, ix in sorted(by_group.items())}
         t = ro.timing
         metrics = {
             "reward/mean": float(ro.raw_scores.mean()), "score/mean": float(ro.scores.mean()),
             **{f"reward/user/{u}": v for u, v in reward_u.items()},
+            **{f"reward/group/{g}": v for g, v in reward_g.items()},
+            **{f"length/words/group/{g}": v for g, v in words_g.items()},
+            **{f"kl/seq/group/{g}": v for g, v in kl_g.items()},
             "kl/seq": float(seq_kl.mean()), "kl/token": float(masked_mean(ro.kl, ro.mask)), "kl/coef": kl_coef,
             "value/mean": float(masked_mean(ro.values, ro.mask)),
             "returns/mean": float(masked_mean(ro.returns, ro.mask)),
@@ -401,7 +417,8 @@ class PPOTrainer:
             "perf/generate_tokens_per_s": t["response_tokens"] / max(t["generate_s"], 1e-9),
             "train/lr": lr, **update,
         }
-        entry = {"reward": reward_u, "response_words": words_u,
+        entry = {"reward": reward_u, "response_words": words_u, "reward_group": reward_g,
+                 "response_words_group": words_g, "kl_group": kl_g,
                  "n": {u: len(ix) for u, ix in sorted(by_user.items())},
                  "reward_mean": metrics["reward/mean"], "kl": metrics["kl/seq"], "kl_coef": kl_coef,
                  "loss": update.get("loss/total"), "value_loss": update.get("loss/value"),
