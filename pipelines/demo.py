@@ -24,6 +24,7 @@ from preference_data.records import DataError
 ROOT = Path(__file__).resolve().parents[1]
 DATA_WITH_MEDIUM = False  # train on short < medium < long (see preference_data.length_conflict)
 WINRATE_MAX_NEW_TOKENS = 96  # the long answers (at most 74 tokens) fit whole
+LONG_SET_PROMPTS = 12  # of the 30 long-answer prompts: 120 pairs per reward model (fast: 4)
 
 # (stage name, module, config file, extra overrides). Vanilla = the same code with the uniform user model.
 # Policies (PPO, P-DPO, vanilla DPO) start from pi_SFT: `model.sft_run` is set to the sft stage's folder.
@@ -107,7 +108,7 @@ def run_demo(out: Path, fast: bool = False, model: str | None = None, extra: lis
     t0 = time.time()
     summary = write_length_conflict(out / "data", seed=seed, n_eval_prompts=10 if fast else 15,
                                     with_medium=DATA_WITH_MEDIUM)
-    long_summary = write_long_answer_set(out / "data_long", seed=seed)
+    long_summary = write_long_answer_set(out / "data_long", seed=seed, n_prompts=4 if fast else LONG_SET_PROMPTS)
     timings["data"] = time.time() - t0
     total = len(configs) + len(post) + 2
     print(f"[1/{total}] data: {summary['train']['records']} train / {summary['eval']['records']} held-out pairs, "
@@ -152,7 +153,7 @@ def _eval_long(out: Path, fast: bool) -> None:
     """The routes' reward on the long-answer set: accuracy per group, responses scored whole."""
     from pipelines.evaluate import evaluate_run
 
-    over = ["eval.n_generation_prompts=0", "report_to=none"] + (["data.max_eval_records=40"] if fast else [])
+    over = ["eval.n_generation_prompts=0", "report_to=none"]
     for name in EVAL_LONG_RUNS:
         if (out / name / "run.json").exists():
             evaluate_run(out / name, out / "data_long" / "eval.jsonl", out / name / "eval_long", over)
