@@ -87,6 +87,22 @@ def ppo_overrides(out: Path, train: Path, rm_run: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def make_trainer(cfg, rm_run: Path, run_dir: Path, lora_b_std: float | None = None):
+    """A PPOTrainer on the toy prompts against `rm_run`; `lora_b_std` draws LoRA's B (which starts at 0) from
+    N(0, std): a policy away from the reference, with adapters whose input matters."""
+    from policy.ppo.trainer import PPOTrainer
+
+    vocab = UserVocab.load(rm_run / "users.json")
+    modules, actor, critic, reference, tok = build_roles(cfg, len(vocab), CPU)
+    if lora_b_std is not None:
+        with torch.no_grad():
+            for name, param in modules.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, lora_b_std)
+    return PPOTrainer(cfg, run_dir, modules, actor, critic, reference, load_reward_role(rm_run, CPU), tok, vocab,
+                      ["Tell me about tea.", "Tell me about salt."])
+
+
 # ------------------------------------------------------------------------------------------------ core
 
 
@@ -422,18 +438,11 @@ def test_rollout_pairs_seeded_and_first_ratio_is_one(tmp_path, rm_run, ppo_data)
 def test_update_with_lora_dropout_compares_the_rollouts_own_policy(tmp_path, rm_run, ppo_data):
     """With model.lora_dropout > 0 the update must still score the policy the rollout sampled (dropout off): with
     no optimizer step taken, every ratio is 1, so nothing is clipped and the approximate KL is 0."""
-    from policy.ppo.trainer import PPOTrainer
 
     cfg = load_config(None, ppo_overrides(tmp_path / "ppo", ppo_data[0], rm_run, **{"ppo.rollout_batch_size": 8,
                                                                                      "model.lora_dropout": 0.5}))
-    vocab = UserVocab.load(rm_run / "users.json")
-    modules, actor, critic, reference, tok = build_roles(cfg, len(vocab), CPU)
-    with torch.no_grad():  # LoRA's B starts at 0, which would hide dropout on its input: a trained adapter
-        for name, param in modules.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
-    trainer = PPOTrainer(cfg, tmp_path / "ppo", modules, actor, critic, reference, load_reward_role(rm_run, CPU),
-                         tok, vocab, ["Tell me about tea.", "Tell me about salt."])
+    # LoRA's B starts at 0, which would hide dropout on its input: a trained adapter
+    trainer = make_trainer(cfg, rm_run, tmp_path / "ppo", lora_b_std=0.5)
     ro = trainer.rollout(0)
     trainer._optimizer_step = lambda loss: None  # measure the ratios only: the policy stays the rollout's
     stats = trainer.update(ro, 0)
@@ -741,19 +750,12 @@ def test_rloo_rollout_uses_one_normalisation(tmp_path, rm_run, ppo_data):
     """RLOO by default: the RM's raw score, minus the leave-one-out mean of its (prompt, user) siblings, with the KL
     inside the sequence reward; no per-user scaling before it and no token whitening after it (issue 19, cause 4)."""
     from policy.ppo.core import rloo_advantages
-    from policy.ppo.trainer import PPOTrainer
 
     cfg = load_config(None, ppo_overrides(tmp_path / "ppo", ppo_data[0], rm_run, **{
         "ppo.rollout_batch_size": 8, "ppo.minibatch_size": 4, "ppo.advantage_estimator": "rloo",
         "ppo.samples_per_prompt": 4, "ppo.kl_coef": 0.1}))
-    vocab = UserVocab.load(rm_run / "users.json")
-    modules, actor, critic, reference, tok = build_roles(cfg, len(vocab), CPU)
-    with torch.no_grad():  # a policy away from the reference, so that the KL term is not zero
-        for name, param in modules.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)
-    trainer = PPOTrainer(cfg, tmp_path / "ppo", modules, actor, critic, reference, load_reward_role(rm_run, CPU),
-                         tok, vocab, ["Tell me about tea.", "Tell me about salt."])
+    # a policy away from the reference, so that the KL term is not zero
+    trainer = make_trainer(cfg, rm_run, tmp_path / "ppo", lora_b_std=0.05)
     ro = trainer.rollout(0)
     assert torch.equal(ro.scores, ro.raw_scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip))
     expected = rloo_advantages(ro.raw_scores, ro.kl, ro.mask, 0.1, [i // 4 for i in range(8)])
@@ -767,7 +769,6 @@ def test_the_actor_starts_exactly_at_pi_sft(tmp_path, rm_run, ppo_data):
     """From a train_sft run the first rollout carries no KL at all, for every user (issue 19, cause 5: the RM's
     rows and a random e_0 made the first rollouts differ from pi_SFT before any update)."""
     from pipelines.train_sft import run as run_sft
-    from policy.ppo.trainer import PPOTrainer
 
     train = ppo_data[0]
     run_sft(load_config(None, [f"output_dir={tmp_path / 'sft'}", "model.name=tiny-random", "report_to=none",
@@ -777,10 +778,7 @@ def test_the_actor_starts_exactly_at_pi_sft(tmp_path, rm_run, ppo_data):
         "model.sft_run": str(tmp_path / "sft"), "user_model.n_tokens": 4, "ppo.rollout_batch_size": 8,
         "ppo.minibatch_size": 4, "ppo.advantage_estimator": "rloo", "ppo.samples_per_prompt": 2,
         "ppo.generic_user_share": 0.25}))
-    vocab = UserVocab.load(rm_run / "users.json")
-    modules, actor, critic, reference, tok = build_roles(cfg, len(vocab), CPU)
-    trainer = PPOTrainer(cfg, tmp_path / "ppo", modules, actor, critic, reference, load_reward_role(rm_run, CPU),
-                         tok, vocab, ["Tell me about tea.", "Tell me about salt."])
+    trainer = make_trainer(cfg, rm_run, tmp_path / "ppo")
     ro = trainer.rollout(0)
     assert {u for u in ro.user_ids} >= {None, "a"} or {u for u in ro.user_ids} >= {None, "b"}
     assert torch.equal(ro.logps, ro.ref_logps) and float(ro.kl.abs().max()) == 0.0
