@@ -66,20 +66,31 @@ class BenchArgs:
 # --------------------------------------------------------------------------------------------- machine
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` line of /proc/cpuinfo (None where there is no such file or line)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    return (_cpuinfo_field("flags") or "").split()
+
+
 def machine_info(device: str) -> str:
     torch_v = f"torch {torch.__version__}"
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), {torch_v}, CUDA {torch.version.cuda}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {torch_v}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {torch_v}"
 
 
 def versions() -> dict[str, str]:

@@ -10,31 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from bench.common import cpu_flags, cpu_model
 from common.precision import compute_dtype, native_bf16
 
 # (rows, in, out) of one SmolLM2-135M decoder layer's projections for 8 x 96 tokens: q, k, v (GQA), o, MLP gate, up, down
 SHAPES = [(768, 576, 576), (768, 576, 192), (768, 576, 192), (768, 576, 576), (768, 576, 1536), (768, 576, 1536),
           (768, 1536, 576)]
-
-
-def cpu_info() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or "unknown", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = [f for f in line.split(":", 1)[1].split() if "bf16" in f or f.startswith("amx")]
-                break
-    except OSError:
-        pass
-    return model, flags
 
 
 def time_matmuls(dtype: torch.dtype, repeats: int) -> float:
@@ -58,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
-    model, flags = cpu_info()
+    model, flags = cpu_model(), [f for f in cpu_flags() if "bf16" in f or f.startswith("amx")]
     fp32 = time_matmuls(torch.float32, args.repeats)
     bf16 = time_matmuls(torch.bfloat16, max(1, min(args.repeats, 3)))
     result = {"cpu": model, "bf16_flags": flags, "native_bf16": native_bf16("cpu"),

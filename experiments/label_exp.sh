@@ -19,11 +19,4 @@ t2=$(date +%s)
 t3=$(date +%s)
 echo "label $((t1-t0))s pdpo $((t2-t1))s winrate $((t3-t2))s" > $OUT.summary
 cat $OUT/pairs.jsonl.summary.json | head -40 >> $OUT.summary
-.venv/bin/python - $OUT/pdpo/winrate/winrate.json >> $OUT.summary <<'PY'
-import json, sys, collections
-w = json.load(open(sys.argv[1])); words = collections.defaultdict(list); base = collections.defaultdict(list)
-for u, v in w["per_user"].items():
-    words[v["group"]].append(v["mean_words"]["run"]); base[v["group"]].append(v["mean_words"]["baseline"])
-print("greedy words", {g: round(sum(x)/len(x),1) for g,x in words.items()}, "sft", {g: round(sum(x)/len(x),1) for g,x in base.items()})
-print("win", {g: round(v["win_rate"],3) for g, v in w["per_group"].items()})
-PY
+.venv/bin/python experiments/winrate_summary.py $OUT/pdpo/winrate/winrate.json >> $OUT.summary

@@ -1,0 +1,29 @@
+"""`python experiments/winrate_summary.py WINRATE_JSON [PPO_HISTORY_JSON]`: one experiment's lines for the notes.
+
+Greedy words per group (run and baseline), the minority / majority ratio and the win rate per group, all read from
+`pipelines.winrate`'s winrate.json; with a PPO run's ppo_history.json also the per-group reward, rollout words and KL
+of every few iterations. Used by ppo_exp.sh and label_exp.sh.
+"""
+
+import json
+import sys
+
+
+def main(winrate_json: str, history_json: str | None = None) -> None:
+    groups = json.load(open(winrate_json))["per_group"]
+    run = {g: v["mean_words"]["run"] for g, v in groups.items()}
+    base = {g: v["mean_words"]["baseline"] for g, v in groups.items()}
+    ratio = run["minority"] / run["majority"] if run.get("majority") and "minority" in run else None
+    print("greedy words run", {g: round(v, 1) for g, v in run.items()}, "sft", {g: round(v, 1) for g, v in base.items()},
+          "ratio", None if ratio is None else round(ratio, 3))
+    print("win", {g: round(v["win_rate"], 3) for g, v in groups.items()})
+    if history_json:
+        h = json.load(open(history_json))["iterations"]
+        for e in h[::max(1, len(h) // 6)] + [h[-1]]:
+            print(e["iteration"], "R", {g: round(v, 2) for g, v in e["reward_group"].items()},
+                  "W", {g: round(v, 1) for g, v in e["response_words_group"].items()},
+                  "KL", {g: round(v, 2) for g, v in e["kl_group"].items()})
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
