@@ -281,7 +281,7 @@ class RunAdapter:
         if self.route == "rm":
             from reward.model import PersonalizedRewardModel
 
-            self.model = PersonalizedRewardModel(self.backbone)
+            self.model = PersonalizedRewardModel(self.backbone, self.cfg.model.reward_pooling)
             load_head(self.run_dir, "score", self.model.score)
         else:
             from policy.model import PersonalizedPolicy

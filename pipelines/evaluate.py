@@ -79,7 +79,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
         from reward.model import PersonalizedRewardModel
         from reward.scoring import reward_margins
 
-        rm = PersonalizedRewardModel(backbone)
+        rm = PersonalizedRewardModel(backbone, cfg.model.reward_pooling)
         load_head(run_dir, "score", rm.score)
         rm.to(device).eval()
         margins = reward_margins(rm, pairs, pad_id, bs, device)

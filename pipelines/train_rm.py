@@ -24,7 +24,7 @@ def run(cfg: Config) -> dict:
     from reward.model import PersonalizedRewardModel
     from reward.trainer import RewardModelTrainer
 
-    rm = PersonalizedRewardModel(backbone).to(device)
+    rm = PersonalizedRewardModel(backbone, cfg.model.reward_pooling).to(device)
     train_pairs, eval_pairs = encode_pairs(tokenizer, cfg, data)
     if cfg.data.degenerate_negatives:
         from reward.degenerate import degenerate_negative_pairs

@@ -1,4 +1,5 @@
-"""r(x, y, u): decoder with LoRA + user soft prompt + a scalar head read at the last real token."""
+"""r(x, y, u): decoder with LoRA + user soft prompt + a scalar head, read at the last real token or summed over the
+answer's tokens (`model.reward_pooling`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,21 @@ from torch import nn
 
 from common.backbone import PersonalizedBackbone
 
+POOLINGS = ("last", "sum")
+# `sum` divides by a fixed token count: Adam moves every weight by about lr per step, and a head read at every token
+# of a 60-token answer would move the reward 60x as far as one read once (measured: held-out margins ~50 and a BT
+# loss swinging 0.2-60 with the demo's lr). 1/64 keeps a 64-token answer's reward on the scale of `last`'s while the
+# reward stays additive: an answer twice as long adds twice as much.
+SUM_POOLING_TOKENS = 64
+
 
 class PersonalizedRewardModel(nn.Module):
-    def __init__(self, backbone: PersonalizedBackbone):
+    def __init__(self, backbone: PersonalizedBackbone, pooling: str = "last"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"reward pooling must be one of {POOLINGS}, got {pooling!r}")
         self.backbone = backbone
+        self.pooling = pooling
         self.score = nn.Linear(backbone.hidden_size, 1, bias=True)
         with torch.no_grad():  # float32 whatever the LLM's dtype: it is trained (common.precision)
             self.score.weight.normal_(0.0, 1.0 / (backbone.hidden_size + 1) ** 0.5)
@@ -24,6 +35,15 @@ class PersonalizedRewardModel(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """Rewards [N] for the N rows of a right-padded batch, each for its own `user_idx`."""
         hidden, inputs = self.backbone.hidden_states(batch)
+        if self.pooling == "sum":
+            if inputs.labels is None:
+                raise ValueError("reward pooling 'sum' needs the batch's labels (the answer's tokens, -100 elsewhere)")
+            # w . h_t over the answer's positions (labels, EOS included) / SUM_POOLING_TOKENS, bias once: the reward of
+            # an answer is the sum of what each of its tokens adds, so one more sentence adds as much at 150 words as
+            # at 50.
+            answer = (inputs.labels != -100).to(self.score.weight.dtype)
+            per_token = hidden.to(self.score.weight.dtype) @ self.score.weight.squeeze(0)
+            return ((per_token * answer).sum(1) / SUM_POOLING_TOKENS + self.score.bias).float()
         # Pool the last *real* position: with right padding the last position is a pad (stack notes).
         last = inputs.attention_mask.long().sum(1) - 1
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]

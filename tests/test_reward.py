@@ -1,3 +1,4 @@
+import json
 import math
 import warnings
 
@@ -8,7 +9,7 @@ from common.batching import EncodedPair, collate_pairs
 from common.config import load_config
 from common.run import build_backbone
 from reward.loss import bt_loss, personalized_bt_loss
-from reward.model import PersonalizedRewardModel
+from reward.model import SUM_POOLING_TOKENS, PersonalizedRewardModel
 from reward.scoring import reward_margins
 
 
@@ -308,3 +309,53 @@ def test_evaluate_scores_whole_answers_unless_told_and_says_which(tmp_path, toy_
     cut = evaluate_run(tmp_path / "run", evals, tmp_path / "cut", ["report_to=none", "eval.max_response_length=8"])
     assert not cut["scoring"]["complete"] and cut["scoring"]["truncated_responses"] > 0
     assert "cut at 8 tokens" in (tmp_path / "cut" / "report.md").read_text()
+
+
+def test_sum_pooling_adds_the_head_score_of_every_answer_token_and_nothing_else():
+    rm, tok, cfg = tiny_rm()
+    summed = PersonalizedRewardModel(rm.backbone, "sum").eval()
+    summed.score.load_state_dict(rm.score.state_dict())
+    with torch.no_grad():
+        summed.score.bias.fill_(0.25)
+    pairs = [EncodedPair([5, 6, 7], [8, 9, 2], [10, 2], 1), EncodedPair([5, 6], [11, 12, 13, 14, 2], [2], 0)]
+    batch = collate_pairs(pairs, pad_id=0)
+    with torch.no_grad():
+        rewards = summed(batch)
+        hidden, inputs = rm.backbone.hidden_states(batch)
+        per_token = hidden.float() @ summed.score.weight.squeeze(0).float()
+    for row in range(batch["input_ids"].shape[0]):
+        answer = (inputs.labels[row] != -100).nonzero().squeeze(-1)  # positions of the answer's tokens, after the prefix
+        assert len(answer) == int((batch["labels"][row] != -100).sum())
+        expected = float(per_token[row, answer].sum()) / SUM_POOLING_TOKENS + 0.25
+        assert float(rewards[row]) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    # the other rows' padding changes nothing: pair 1's chosen answer scored alone
+    alone = collate_pairs([pairs[1]], pad_id=0)
+    with torch.no_grad():
+        assert float(summed(alone)[0]) == pytest.approx(float(rewards[1]), rel=1e-4, abs=1e-4)
+    with pytest.raises(ValueError, match="one of"):
+        PersonalizedRewardModel(rm.backbone, "mean")
+
+
+def test_reward_pooling_is_a_config_key_the_stages_read(tmp_path):
+    from common.config import ConfigError
+    from conftest import tiny_overrides, toy_rows, write_jsonl
+    from pipelines.evaluate import evaluate_run
+    from pipelines.train_rm import run as train_rm
+    from policy.ppo.roles import load_reward_role
+
+    with pytest.raises(ConfigError, match="reward_pooling"):
+        load_config(None, ["model.reward_pooling=mean"])
+    rows = toy_rows(6)
+    train, evals = write_jsonl(tmp_path / "train.jsonl", rows[:8]), write_jsonl(tmp_path / "eval.jsonl", rows[8:])
+    train_rm(load_config(None, tiny_overrides(tmp_path, train, evals, **{
+        "train.max_steps": 2, "eval.n_generation_prompts": 0, "model.reward_pooling": "sum",
+        "output_dir": str(tmp_path / "rm")})))
+    reward = load_reward_role(tmp_path / "rm", "cpu")  # PPO's and serving's RM
+    assert reward.model.pooling == "sum"
+    # evaluate ranks the pairs with the summed reward too: its margins are the PPO role's scores' differences
+    metrics = evaluate_run(tmp_path / "rm", evals, tmp_path / "ev", ["report_to=none", "eval.n_generation_prompts=0"])
+    pairs = [r for r in map(json.loads, evals.read_text().splitlines())]
+    scores = reward.score([r["prompt"] for r in pairs] * 2, [r["chosen"] for r in pairs] + [r["rejected"] for r in pairs],
+                          [r["user_id"] for r in pairs] * 2)
+    margins = scores[:len(pairs)] - scores[len(pairs):]
+    assert metrics["overall"]["mean_margin"] == pytest.approx(float(margins.mean()), rel=1e-3, abs=1e-3)

@@ -359,7 +359,7 @@ def load_reward_role(rm_run: str | Path, device: torch.device | str) -> Reward:
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):  # the head's throw-away init must not move anyone's RNG
         cfg, backbone, tokenizer, vocab, _ = load_backbone_from_run(run, device)
-        rm = PersonalizedRewardModel(backbone)
+        rm = PersonalizedRewardModel(backbone, cfg.model.reward_pooling)
     load_head(run, RM_HEAD, rm.score)
     rm.to(device)
     return Reward(rm, tokenizer, vocab, cfg, run)
