@@ -31,7 +31,7 @@ import torch
 from common.batching import EncodedPair, PairEncoder, collate_pairs
 from common.config import Config, LossConfig, load_config
 from common.objective import objective_alpha, to_device
-from common.run import RUN_INFO, load_backbone_from_run, load_head, pick_device, run_route
+from common.run import RUN_INFO, load_backbone_from_run, pick_device, run_route
 from preference_data import UserVocab
 from preference_data.records import PreferenceRecord
 from user_models import load_user_model
@@ -279,10 +279,9 @@ class RunAdapter:
         self.pad_id = self.tokenizer.pad_token_id
         self.batch_size = max(1, batch_size)
         if self.route == "rm":
-            from reward.model import PersonalizedRewardModel
+            from reward.model import load_reward_model
 
-            self.model = PersonalizedRewardModel(self.backbone, self.cfg.model.reward_pooling)
-            load_head(self.run_dir, "score", self.model.score)
+            self.model = load_reward_model(self.run_dir, self.cfg, self.backbone)
         else:
             from policy.model import PersonalizedPolicy
 

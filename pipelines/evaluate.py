@@ -21,7 +21,7 @@ from common import plots
 from common.batching import PairEncoder
 from common.config import ConfigError, help_text, load_config, parse_override
 from common.metrics import accuracy_metrics, user_key
-from common.run import load_backbone_from_run, load_head, pick_device, run_route, seed_everything
+from common.run import load_backbone_from_run, pick_device, run_route, seed_everything
 from common.tracking import Tracker
 from preference_data import DataError, load_records
 from preference_data.vocab import UserVocab
@@ -76,12 +76,10 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
     pad_id, bs = tokenizer.pad_token_id, cfg.train.eval_batch_size
     generation = None
     if route == "rm":
-        from reward.model import PersonalizedRewardModel
+        from reward.model import load_reward_model
         from reward.scoring import reward_margins
 
-        rm = PersonalizedRewardModel(backbone, cfg.model.reward_pooling)
-        load_head(run_dir, "score", rm.score)
-        rm.to(device).eval()
+        rm = load_reward_model(run_dir, cfg, backbone).to(device).eval()
         margins = reward_margins(rm, pairs, pad_id, bs, device)
         generic = reward_margins(rm, pairs, pad_id, bs, device, as_generic=True)
     else:

@@ -21,7 +21,7 @@ def run(cfg: Config) -> dict:
     data, run_dir, device = begin_run(cfg)
     t0 = time.time()
     backbone, tokenizer = build_backbone(cfg, len(data.vocab), device)
-    from reward.model import PersonalizedRewardModel
+    from reward.model import HEAD_NAME, PersonalizedRewardModel
     from reward.trainer import RewardModelTrainer
 
     rm = PersonalizedRewardModel(backbone, cfg.model.reward_pooling).to(device)
@@ -49,7 +49,7 @@ def run(cfg: Config) -> dict:
     trainer = RewardModelTrainer(cfg, rm, train_pairs, tokenizer.pad_token_id, device, run_dir, tracker,
                                  eval_fn=quick_eval if eval_pairs else None)
     result = trainer.train()
-    cost = save_trained(run_dir, cfg, "train_rm", "rm", backbone, {"score": rm.score}, result, t0, data,
+    cost = save_trained(run_dir, cfg, "train_rm", "rm", backbone, {HEAD_NAME: rm.score}, result, t0, data,
                         trainer.loop.history)
     metrics = {"train": result, "cost": cost}
     if data.eval and dist.is_main():  # plain torch modules, no collectives: the other ranks are done

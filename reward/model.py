@@ -9,6 +9,7 @@ from torch import nn
 from common.backbone import PersonalizedBackbone
 
 POOLINGS = ("last", "sum")
+HEAD_NAME = "score"  # the head's file in a train_rm run: checkpoint/score_head.safetensors
 # `sum` divides by a fixed token count: Adam moves every weight by about lr per step, and a head read at every token
 # of a 60-token answer would move the reward 60x as far as one read once (measured: held-out margins ~50 and a BT
 # loss swinging 0.2-60 with the demo's lr). 1/64 keeps a 64-token answer's reward on the scale of `last`'s while the
@@ -48,3 +49,12 @@ class PersonalizedRewardModel(nn.Module):
         last = inputs.attention_mask.long().sum(1) - 1
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
+
+
+def load_reward_model(run_dir, cfg, backbone: PersonalizedBackbone) -> PersonalizedRewardModel:
+    """A finished train_rm run's reward model on `backbone` (built from that run): its pooling and its trained head."""
+    from common.run import load_head
+
+    rm = PersonalizedRewardModel(backbone, cfg.model.reward_pooling)
+    load_head(run_dir, HEAD_NAME, rm.score)
+    return rm

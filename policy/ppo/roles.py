@@ -28,9 +28,10 @@ from common.trainer import user_model_groups
 from policy.model import PersonalizedPolicy, response_logps
 from policy.ppo.core import entropy_from_logits
 from preference_data.vocab import GENERIC, UserVocab
+from reward.model import HEAD_NAME
 from user_models import UserModel
 
-RM_HEAD = "score"  # head name in the RM run's checkpoint/: score_head.safetensors
+RM_HEAD = HEAD_NAME  # head name in the RM run's checkpoint/: score_head.safetensors
 VALUE_HEAD = "value"  # head name in the PPO run's checkpoint/: value_head.safetensors
 
 
@@ -352,15 +353,14 @@ def gate_user_model_on_rm(target: UserModel, reward: Reward) -> None:
 
 def load_reward_role(rm_run: str | Path, device: torch.device | str) -> Reward:
     """The frozen `Reward` role of a finished train_rm run (also what `evaluate` uses to score PPO samples)."""
-    from common.run import load_backbone_from_run, load_head
-    from reward.model import PersonalizedRewardModel
+    from common.run import load_backbone_from_run
+    from reward.model import load_reward_model
 
     run = check_rm_run(str(rm_run))
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):  # the head's throw-away init must not move anyone's RNG
         cfg, backbone, tokenizer, vocab, _ = load_backbone_from_run(run, device)
-        rm = PersonalizedRewardModel(backbone, cfg.model.reward_pooling)
-    load_head(run, RM_HEAD, rm.score)
+        rm = load_reward_model(run, cfg, backbone)
     rm.to(device)
     return Reward(rm, tokenizer, vocab, cfg, run)
 
