@@ -3,7 +3,7 @@
 # (uniform user model, alpha 1, 45 steps, as pipelines.demo's rm_vanilla) trained on DATA/train.jsonl with the
 # overrides, each scored on DATA/eval.jsonl (held out) and on LONG/eval.jsonl (answers 2-3x longer than training's).
 # Writes runs/exp/NAME/{rm,rm_vanilla} and runs/exp/NAME.summary.
-set -e
+set -eo pipefail  # a failed stage inside the `| tee` loop must fail the script
 cd "$(dirname "$0")/.."
 NAME=$1; DATA=$2; LONG=$3; shift 3
 OUT=runs/exp/$NAME
