@@ -1,5 +1,5 @@
-"""r(x, y, u): decoder with LoRA + user soft prompt + a scalar head, read at the last real token or summed over the
-answer's tokens (`model.reward_pooling`)."""
+"""r(x, y, u): decoder with LoRA + user soft prompt + a scalar head, read at the last real token, summed over the
+answer's tokens, or both (`model.reward_pooling`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ from torch import nn
 
 from common.backbone import PersonalizedBackbone
 
-POOLINGS = ("last", "sum")
+POOLINGS = ("last", "sum", "last_sum")
 HEAD_NAME = "score"  # the head's file in a train_rm run: checkpoint/score_head.safetensors
 # `sum` divides by a fixed token count: Adam moves every weight by about lr per step, and a head read at every token
 # of a 60-token answer would move the reward 60x as far as one read once (measured: held-out margins ~50 and a BT
 # loss swinging 0.2-60 with the demo's lr). 1/64 keeps a 64-token answer's reward on the scale of `last`'s while the
 # reward stays additive: an answer twice as long adds twice as much.
 SUM_POOLING_TOKENS = 64
+# `last_sum` = a judgement of the whole answer at its last token + a grade that adds up token by token. `sum` alone
+# cannot penalise a broken answer much: one position of an empty answer, or a token of a run, moves the reward by
+# 1/64 of its head value, so for a user who prefers short answers the empty answer (a sum of nothing) beat every
+# real short one (docs/results.md). The last-token term can give a broken answer a large penalty at one position,
+# the summed term keeps grading length past the training answers. Two head outputs: 0 read at the last token, 1 at
+# every answer token.
 
 
 class PersonalizedRewardModel(nn.Module):
@@ -24,7 +30,7 @@ class PersonalizedRewardModel(nn.Module):
             raise ValueError(f"reward pooling must be one of {POOLINGS}, got {pooling!r}")
         self.backbone = backbone
         self.pooling = pooling
-        self.score = nn.Linear(backbone.hidden_size, 1, bias=True)
+        self.score = nn.Linear(backbone.hidden_size, 2 if pooling == "last_sum" else 1, bias=True)
         with torch.no_grad():  # float32 whatever the LLM's dtype: it is trained (common.precision)
             self.score.weight.normal_(0.0, 1.0 / (backbone.hidden_size + 1) ** 0.5)
             self.score.bias.zero_()
@@ -36,19 +42,26 @@ class PersonalizedRewardModel(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """Rewards [N] for the N rows of a right-padded batch, each for its own `user_idx`."""
         hidden, inputs = self.backbone.hidden_states(batch)
+        hidden = hidden.to(self.score.weight.dtype)
         if self.pooling == "sum":
-            if inputs.labels is None:
-                raise ValueError("reward pooling 'sum' needs the batch's labels (the answer's tokens, -100 elsewhere)")
             # w . h_t over the answer's positions (labels, EOS included) / SUM_POOLING_TOKENS, bias once: the reward of
             # an answer is the sum of what each of its tokens adds, so one more sentence adds as much at 150 words as
             # at 50.
-            answer = (inputs.labels != -100).to(self.score.weight.dtype)
-            per_token = hidden.to(self.score.weight.dtype) @ self.score.weight.squeeze(0)
-            return ((per_token * answer).sum(1) / SUM_POOLING_TOKENS + self.score.bias).float()
+            per_token = hidden @ self.score.weight.squeeze(0)
+            return (self._answer_sum(per_token, inputs.labels) + self.score.bias).float()
         # Pool the last *real* position: with right padding the last position is a pad (stack notes).
         last = inputs.attention_mask.long().sum(1) - 1
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
+        at_last = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        if self.pooling == "last":
+            return at_last.squeeze(-1).float()
+        per_token = hidden @ self.score.weight[1] + self.score.bias[1]
+        return (at_last[:, 0] + self._answer_sum(per_token, inputs.labels)).float()
+
+    def _answer_sum(self, per_token: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            raise ValueError(f"reward pooling {self.pooling!r} needs the batch's labels (the answer's tokens, -100 "
+                             "elsewhere)")
+        return (per_token * (labels != -100).to(per_token.dtype)).sum(1) / SUM_POOLING_TOKENS
 
 
 def load_reward_model(run_dir, cfg, backbone: PersonalizedBackbone) -> PersonalizedRewardModel:

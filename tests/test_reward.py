@@ -336,6 +336,33 @@ def test_sum_pooling_adds_the_head_score_of_every_answer_token_and_nothing_else(
         PersonalizedRewardModel(rm.backbone, "mean")
 
 
+def test_last_sum_pooling_is_the_last_token_output_plus_the_summed_per_token_output():
+    rm, tok, cfg = tiny_rm()
+    both = PersonalizedRewardModel(rm.backbone, "last_sum").eval()
+    assert both.score.out_features == 2
+    with torch.no_grad():
+        both.score.bias.copy_(torch.tensor([0.5, -0.125]))
+    pairs = [EncodedPair([5, 6, 7], [8, 9, 2], [10, 2], 1), EncodedPair([5, 6], [11, 12, 13, 14, 2], [2], 0)]
+    batch = collate_pairs(pairs, pad_id=0)
+    with torch.no_grad():
+        rewards = both(batch)
+        hidden, inputs = rm.backbone.hidden_states(batch)
+        values = hidden.float() @ both.score.weight.float().T + both.score.bias.float()  # [N, L, 2]
+    for row in range(batch["input_ids"].shape[0]):
+        last = int(inputs.attention_mask[row].sum()) - 1  # the answer's EOS, before the right padding
+        answer = (inputs.labels[row] != -100).nonzero().squeeze(-1)
+        assert int(answer[-1]) == last
+        expected = float(values[row, last, 0]) + float(values[row, answer, 1].sum()) / SUM_POOLING_TOKENS
+        assert float(rewards[row]) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    # one more answer token adds its per-token value / 64 (and moves the last token): the empty answer [EOS] pays the
+    # per-token bias once
+    empty = collate_pairs([EncodedPair([5, 6], [2], [2], 0)], pad_id=0)
+    with torch.no_grad():
+        h, inp = rm.backbone.hidden_states(empty)
+        v = h.float()[0, int(inp.attention_mask[0].sum()) - 1] @ both.score.weight.float().T + both.score.bias.float()
+        assert float(both(empty)[0]) == pytest.approx(float(v[0] + v[1] / SUM_POOLING_TOKENS), rel=1e-5, abs=1e-5)
+
+
 def test_reward_pooling_is_a_config_key_the_stages_read(tmp_path):
     from common.config import ConfigError
     from conftest import tiny_overrides, toy_rows, write_jsonl
