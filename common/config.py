@@ -50,12 +50,13 @@ class ModelConfig:
         "auto", "`auto` wraps prompts in the tokenizer's chat template when it has one; `none` uses raw text")
     system_prompt: Optional[str] = _f(
         "You are a helpful assistant.", "system message of the chat template (null: the template's default)")
-    reward_pooling: Literal["last", "sum", "last_sum"] = _f(
+    reward_pooling: Literal["last", "sum", "last_sum", "sum_validity"] = _f(
         "last", "reward models only: `last` reads the score head at the answer's last token (its EOS); `sum` adds "
         "the head's score of every answer token, / 64 (a reward additive over the answer, like DPO's implicit "
         "reward: it extrapolates to answers longer than training's, where `last` is only trained up to their length); "
         "`last_sum` is both, with a head output of its own for each (the last token can penalise a broken answer "
-        "strongly, which a sum of /64 terms cannot)")
+        "strongly, which a sum of /64 terms cannot); `sum_validity` is `sum` + log sigmoid(last-token output), a "
+        "penalty <= 0 for a broken answer that cannot reward a length of its own")
     sft_run: Optional[str] = _f(
         None, "finished train_sft run: its LoRA adapter is merged into the base weights before this stage's own "
         "LoRA, so the reference policy pi_SFT is that model")

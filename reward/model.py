@@ -8,7 +8,7 @@ from torch import nn
 
 from common.backbone import PersonalizedBackbone
 
-POOLINGS = ("last", "sum", "last_sum")
+POOLINGS = ("last", "sum", "last_sum", "sum_validity")
 HEAD_NAME = "score"  # the head's file in a train_rm run: checkpoint/score_head.safetensors
 # `sum` divides by a fixed token count: Adam moves every weight by about lr per step, and a head read at every token
 # of a 60-token answer would move the reward 60x as far as one read once (measured: held-out margins ~50 and a BT
@@ -21,6 +21,10 @@ SUM_POOLING_TOKENS = 64
 # real short one (docs/results.md). The last-token term can give a broken answer a large penalty at one position,
 # the summed term keeps grading length past the training answers. Two head outputs: 0 read at the last token, 1 at
 # every answer token.
+# `sum_validity` bounds the last-token term: log sigmoid(v_last) <= 0, a penalty that a real answer can drive to 0 but
+# not above. With `last_sum` the last-token term learned the training answers' length (the majority's reward peaked at
+# 35-49 words and fell past them) and PPO's majority stayed at pi_SFT's length: a term that can only subtract cannot
+# make a 40-word answer better than a 70-word one, it can only mark an answer as broken.
 
 
 class PersonalizedRewardModel(nn.Module):
@@ -30,7 +34,7 @@ class PersonalizedRewardModel(nn.Module):
             raise ValueError(f"reward pooling must be one of {POOLINGS}, got {pooling!r}")
         self.backbone = backbone
         self.pooling = pooling
-        self.score = nn.Linear(backbone.hidden_size, 2 if pooling == "last_sum" else 1, bias=True)
+        self.score = nn.Linear(backbone.hidden_size, 2 if pooling in ("last_sum", "sum_validity") else 1, bias=True)
         with torch.no_grad():  # float32 whatever the LLM's dtype: it is trained (common.precision)
             self.score.weight.normal_(0.0, 1.0 / (backbone.hidden_size + 1) ** 0.5)
             self.score.bias.zero_()
@@ -55,7 +59,8 @@ class PersonalizedRewardModel(nn.Module):
         if self.pooling == "last":
             return at_last.squeeze(-1).float()
         per_token = hidden @ self.score.weight[1] + self.score.bias[1]
-        return (at_last[:, 0] + self._answer_sum(per_token, inputs.labels)).float()
+        judged = at_last[:, 0] if self.pooling == "last_sum" else nn.functional.logsigmoid(at_last[:, 0])
+        return (judged + self._answer_sum(per_token, inputs.labels)).float()
 
     def _answer_sum(self, per_token: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if labels is None:

@@ -336,9 +336,12 @@ def test_sum_pooling_adds_the_head_score_of_every_answer_token_and_nothing_else(
         PersonalizedRewardModel(rm.backbone, "mean")
 
 
-def test_last_sum_pooling_is_the_last_token_output_plus_the_summed_per_token_output():
+@pytest.mark.parametrize("pooling", ["last_sum", "sum_validity"])
+def test_last_sum_pooling_is_the_last_token_output_plus_the_summed_per_token_output(pooling):
     rm, tok, cfg = tiny_rm()
-    both = PersonalizedRewardModel(rm.backbone, "last_sum").eval()
+    both = PersonalizedRewardModel(rm.backbone, pooling).eval()
+    # sum_validity: the last-token output enters as log sigmoid, at most 0
+    judged = (lambda v: float(v)) if pooling == "last_sum" else (lambda v: float(torch.nn.functional.logsigmoid(v)))
     assert both.score.out_features == 2
     with torch.no_grad():
         both.score.bias.copy_(torch.tensor([0.5, -0.125]))
@@ -352,7 +355,7 @@ def test_last_sum_pooling_is_the_last_token_output_plus_the_summed_per_token_out
         last = int(inputs.attention_mask[row].sum()) - 1  # the answer's EOS, before the right padding
         answer = (inputs.labels[row] != -100).nonzero().squeeze(-1)
         assert int(answer[-1]) == last
-        expected = float(values[row, last, 0]) + float(values[row, answer, 1].sum()) / SUM_POOLING_TOKENS
+        expected = judged(values[row, last, 0]) + float(values[row, answer, 1].sum()) / SUM_POOLING_TOKENS
         assert float(rewards[row]) == pytest.approx(expected, rel=1e-5, abs=1e-5)
     # one more answer token adds its per-token value / 64 (and moves the last token): the empty answer [EOS] pays the
     # per-token bias once
@@ -360,7 +363,8 @@ def test_last_sum_pooling_is_the_last_token_output_plus_the_summed_per_token_out
     with torch.no_grad():
         h, inp = rm.backbone.hidden_states(empty)
         v = h.float()[0, int(inp.attention_mask[0].sum()) - 1] @ both.score.weight.float().T + both.score.bias.float()
-        assert float(both(empty)[0]) == pytest.approx(float(v[0] + v[1] / SUM_POOLING_TOKENS), rel=1e-5, abs=1e-5)
+        assert float(both(empty)[0]) == pytest.approx(float(judged(v[0]) + v[1] / SUM_POOLING_TOKENS), rel=1e-5,
+                                                      abs=1e-5)
 
 
 def test_reward_pooling_is_a_config_key_the_stages_read(tmp_path):
