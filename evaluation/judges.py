@@ -168,7 +168,7 @@ class RewardModelJudge:
 
 def check_rm_judge_run(rm_run: str) -> Path:
     """The folder of a finished train_rm run, or JudgeSpecError naming --judge (reads no model)."""
-    from policy.ppo.roles import RM_HEAD
+    from reward.model import HEAD_NAME
 
     run = Path(rm_run)
     if not run.is_dir():
@@ -182,7 +182,7 @@ def check_rm_judge_run(rm_run: str) -> Path:
         raise JudgeSpecError(f"--judge rm:{rm_run}: not a finished train_rm run (run.json stage "
                              f"{info.get('stage')!r})")
     missing = [p for p in ("config.yaml", "users.json", "checkpoint/user_model.json",
-                           f"checkpoint/{RM_HEAD}_head.safetensors") if not (run / p).exists()]
+                           f"checkpoint/{HEAD_NAME}_head.safetensors") if not (run / p).exists()]
     if missing:
         raise JudgeSpecError(f"--judge rm:{rm_run}: not a finished train_rm run (missing {', '.join(missing)})")
     return run

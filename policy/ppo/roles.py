@@ -31,7 +31,6 @@ from preference_data.vocab import GENERIC, UserVocab
 from reward.model import HEAD_NAME
 from user_models import UserModel
 
-RM_HEAD = HEAD_NAME  # head name in the RM run's checkpoint/: score_head.safetensors
 VALUE_HEAD = "value"  # head name in the PPO run's checkpoint/: value_head.safetensors
 
 
@@ -299,7 +298,7 @@ def check_rm_run(rm_run: str | None, key: str = "ppo.rm_run") -> Path:
     if not run.is_dir():
         raise ConfigError(f"config key '{key}' names a folder that does not exist: {rm_run}")
     needed = ["config.yaml", "users.json", "run.json", "checkpoint/user_model.json",
-              f"checkpoint/{RM_HEAD}_head.safetensors"]
+              f"checkpoint/{HEAD_NAME}_head.safetensors"]
     missing = [p for p in needed if not (run / p).exists()]
     if missing:
         raise ConfigError(f"config key '{key}' = {rm_run} is not a finished train_rm run (missing "
@@ -425,4 +424,4 @@ def user_key(user_id: str | None) -> str:
 
 
 __all__ = ["Actor", "Critic", "Reference", "Reward", "PPOModules", "build_roles", "check_rm_run",
-           "load_reward_role", "init_user_model_from_rm", "gate_user_model_on_rm", "new_value_head", "response_index", "user_key", "RM_HEAD", "VALUE_HEAD", "GENERIC"]
+           "load_reward_role", "init_user_model_from_rm", "gate_user_model_on_rm", "new_value_head", "response_index", "user_key", "VALUE_HEAD", "GENERIC"]
