@@ -34,7 +34,8 @@ class PersonalizedRewardModel(nn.Module):
             raise ValueError(f"reward pooling must be one of {POOLINGS}, got {pooling!r}")
         self.backbone = backbone
         self.pooling = pooling
-        self.score = nn.Linear(backbone.hidden_size, 2 if pooling in ("last_sum", "sum_validity") else 1, bias=True)
+        two_outputs = pooling in ("last_sum", "sum_validity")  # 0: read at the last token, 1: at every answer token
+        self.score = nn.Linear(backbone.hidden_size, 2 if two_outputs else 1, bias=True)
         with torch.no_grad():  # float32 whatever the LLM's dtype: it is trained (common.precision)
             self.score.weight.normal_(0.0, 1.0 / (backbone.hidden_size + 1) ** 0.5)
             self.score.bias.zero_()
@@ -46,19 +47,19 @@ class PersonalizedRewardModel(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """Rewards [N] for the N rows of a right-padded batch, each for its own `user_idx`."""
         hidden, inputs = self.backbone.hidden_states(batch)
-        hidden = hidden.to(self.score.weight.dtype)
+        dtype = self.score.weight.dtype  # the head's float32, whatever the LLM's: cast only what the head reads
         if self.pooling == "sum":
             # w . h_t over the answer's positions (labels, EOS included) / SUM_POOLING_TOKENS, bias once: the reward of
             # an answer is the sum of what each of its tokens adds, so one more sentence adds as much at 150 words as
             # at 50.
-            per_token = hidden @ self.score.weight.squeeze(0)
+            per_token = hidden.to(dtype) @ self.score.weight.squeeze(0)
             return (self._answer_sum(per_token, inputs.labels) + self.score.bias).float()
         # Pool the last *real* position: with right padding the last position is a pad (stack notes).
         last = inputs.attention_mask.long().sum(1) - 1
-        at_last = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        at_last = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(dtype))
         if self.pooling == "last":
             return at_last.squeeze(-1).float()
-        per_token = hidden @ self.score.weight[1] + self.score.bias[1]
+        per_token = hidden.to(dtype) @ self.score.weight[1] + self.score.bias[1]
         judged = at_last[:, 0] if self.pooling == "last_sum" else nn.functional.logsigmoid(at_last[:, 0])
         return (judged + self._answer_sum(per_token, inputs.labels)).float()
 
