@@ -18,7 +18,6 @@ Specs (`--judge`):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -168,24 +167,12 @@ class RewardModelJudge:
 
 def check_rm_judge_run(rm_run: str) -> Path:
     """The folder of a finished train_rm run, or JudgeSpecError naming --judge (reads no model)."""
-    from reward.model import HEAD_NAME
+    from reward.model import rm_run_problem
 
-    run = Path(rm_run)
-    if not run.is_dir():
-        raise JudgeSpecError(f"--judge rm:{rm_run}: no such folder")
-    info_path = run / "run.json"
-    try:
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    except ValueError as exc:
-        raise JudgeSpecError(f"--judge rm:{rm_run}: unreadable run.json ({exc})") from None
-    if info.get("stage") != "train_rm":
-        raise JudgeSpecError(f"--judge rm:{rm_run}: not a finished train_rm run (run.json stage "
-                             f"{info.get('stage')!r})")
-    missing = [p for p in ("config.yaml", "users.json", "checkpoint/user_model.json",
-                           f"checkpoint/{HEAD_NAME}_head.safetensors") if not (run / p).exists()]
-    if missing:
-        raise JudgeSpecError(f"--judge rm:{rm_run}: not a finished train_rm run (missing {', '.join(missing)})")
-    return run
+    problem = rm_run_problem(rm_run)
+    if problem:
+        raise JudgeSpecError(f"--judge rm:{rm_run}: {problem}")
+    return Path(rm_run)
 
 
 def build_judge(spec: JudgeSpec, *, device, judge_model: str | None = None, template: str | None = None,

@@ -77,3 +77,26 @@ def load_reward_model(run_dir, cfg, backbone: PersonalizedBackbone) -> Personali
     rm = PersonalizedRewardModel(backbone, cfg.model.reward_pooling)
     load_head(run_dir, HEAD_NAME, rm.score)
     return rm
+
+
+def rm_run_problem(run_dir) -> str | None:
+    """Why `run_dir` is not the folder of a finished train_rm run ("no such folder", the files it lacks, a run.json
+    of another route), or None. Reads no model: callers check before they load anything and word the error for the
+    key or flag that named the folder."""
+    import json
+    from pathlib import Path
+
+    from common.run import RUN_INFO, run_route
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        return "no such folder"
+    missing = [p for p in ("config.yaml", "users.json", RUN_INFO, "checkpoint/user_model.json",
+                           f"checkpoint/{HEAD_NAME}_head.safetensors") if not (run / p).exists()]
+    if missing:
+        return f"not a finished train_rm run (missing {', '.join(missing)})"
+    try:
+        route = run_route(json.loads((run / RUN_INFO).read_text()))
+    except (OSError, ValueError) as exc:
+        return f"unreadable {RUN_INFO} ({exc})"
+    return None if route == "rm" else f"a '{route}' run, not a finished train_rm run"

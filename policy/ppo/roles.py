@@ -15,7 +15,6 @@ about token t of the response, read at the position that predicts it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from common.trainer import user_model_groups
 from policy.model import PersonalizedPolicy, response_logps
 from policy.ppo.core import entropy_from_logits
 from preference_data.vocab import GENERIC, UserVocab
-from reward.model import HEAD_NAME
+from reward.model import rm_run_problem
 from user_models import UserModel
 
 VALUE_HEAD = "value"  # head name in the PPO run's checkpoint/: value_head.safetensors
@@ -294,23 +293,12 @@ def check_rm_run(rm_run: str | None, key: str = "ppo.rm_run") -> Path:
     if not rm_run:
         raise ConfigError(f"config key '{key}' is required: the run folder of a finished train_rm run "
                           "(the frozen reward model PPO optimises)")
-    run = Path(rm_run)
-    if not run.is_dir():
+    problem = rm_run_problem(rm_run)
+    if problem == "no such folder":
         raise ConfigError(f"config key '{key}' names a folder that does not exist: {rm_run}")
-    needed = ["config.yaml", "users.json", "run.json", "checkpoint/user_model.json",
-              f"checkpoint/{HEAD_NAME}_head.safetensors"]
-    missing = [p for p in needed if not (run / p).exists()]
-    if missing:
-        raise ConfigError(f"config key '{key}' = {rm_run} is not a finished train_rm run (missing "
-                          f"{', '.join(missing)}); finish `python -m pipelines.train_rm` first")
-    try:
-        info = json.loads((run / "run.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"config key '{key}' = {rm_run}: unreadable run.json ({exc})") from None
-    route = info.get("route")
-    if route in ("ppo", "dpo"):
-        raise ConfigError(f"config key '{key}' = {rm_run} is a '{route}' run, not a reward-model run")
-    return run
+    if problem:
+        raise ConfigError(f"config key '{key}' = {rm_run}: {problem}; finish `python -m pipelines.train_rm` first")
+    return Path(rm_run)
 
 
 def _check_same_user_model(target: UserModel, source: UserModel, how: str) -> None:
