@@ -78,8 +78,9 @@ class DataConfig:
         "chosen", "train_sft: imitate the chosen response of every record, or both responses")
     degenerate_negatives: float = _f(
         0.0, "train_rm: add this share of extra training pairs (same prompt and user, chosen answer against an "
-        "empty answer, one token repeated, a two-token loop or its own tokens shuffled) so that the RM ranks a "
-        "broken answer below a real one for every user and PPO cannot collect reward with one")
+        "empty answer, one token repeated, a two-token loop, its own tokens shuffled, or its opening followed by a "
+        "span of it over and over) so that the RM ranks a broken answer below a real one for every user and PPO "
+        "cannot collect reward with one")
 
 
 @dataclass

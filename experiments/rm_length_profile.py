@@ -10,6 +10,9 @@ degenerate answers against real short ones, for every user (issue 19, cause 1).
 2. Degenerate answers per prompt, scored for every user: the empty answer (EOS at once), one token repeated 20 and
    60 times ("ZZZZ..."), with and without EOS; against the real short answer of the corpus (the minority's chosen).
    Reported: per user, the share of prompts where the real short answer beats every degenerate one.
+3. A passage loop per prompt: the real long answer's first 30 tokens, then its tokens 18-30 over and over, cut at
+   `--max-new-tokens` without EOS (what PPO found for the majority); reported: per user, the share of prompts where
+   the real long answer (the majority's chosen) beats it.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main() -> int:
     users = sorted(groups, key=lambda u: int(u.split("_")[-1]) if u.split("_")[-1].isdigit() else u)
     prompts = list(dict.fromkeys(r.prompt for r in records))
     short = {r.prompt: r.chosen for r in records if r.group == "minority"}
+    long = {r.prompt: r.chosen for r in records if r.group == "majority"}
 
     sft = load_policy_run(a.sft, "cpu")
     rows = [p for p in prompts for _ in range(a.samples)]
@@ -81,6 +85,8 @@ def main() -> int:
     z = tok("Z", add_special_tokens=False).input_ids[:1]
     kinds = {"empty": [eos], "Z x20 + EOS": z * 20 + [eos], "Z x60 (cut)": z * 60, "Z x60 + EOS": z * 60 + [eos]}
     degenerate: dict[str, dict] = {}
+    long_ids = [tok(long[p], add_special_tokens=False).input_ids for p in prompts]
+    loops = [(ids[:30] + ids[18:30] * a.max_new_tokens)[:a.max_new_tokens] for ids in long_ids]
     for u in users:
         real = reward.score(prompts, [short[p] for p in prompts], [u] * len(prompts))
         per_kind = {k: reward.score_ids(prompts, [ids] * len(prompts), [u] * len(prompts)) for k, ids in kinds.items()}
@@ -88,6 +94,10 @@ def main() -> int:
         degenerate[u] = {"group": groups[u], "real_short": float(real.mean()),
                          **{k: float(v.mean()) for k, v in per_kind.items()},
                          "real_short_beats_all_degenerate": float((real > worst).float().mean())}
+        real_long = reward.score(prompts, [long[p] for p in prompts], [u] * len(prompts))
+        loop = reward.score_ids(prompts, loops, [u] * len(prompts))
+        degenerate[u].update({"real_long": float(real_long.mean()), "long loop (cut)": float(loop.mean()),
+                              "real_long_beats_loop": float((real_long > loop).float().mean())})
 
     result = {"rm": a.rm, "sft": a.sft, "data": a.data, "samples": len(gen),
               "sample_words": sorted(len(g.text.split()) for g in gen), "profile": profile,
@@ -100,7 +110,8 @@ def main() -> int:
     for grp, prof in profile.items():
         print(f"{grp:<10}" + "".join(f"{prof[b]['mean']:>9.2f}" if b in prof else f"{'-':>9}" for b in bins))
     print("\nper user: real short answer vs degenerate answers (mean scores), share of prompts where the real one wins")
-    cols = ["real_short", *kinds, "real_short_beats_all_degenerate"]
+    cols = ["real_short", *kinds, "real_short_beats_all_degenerate", "real_long", "long loop (cut)",
+            "real_long_beats_loop"]
     print(f"{'user':<9}{'group':<10}" + "".join(f"{c[:14]:>16}" for c in cols))
     for u, d in degenerate.items():
         print(f"{u:<9}{d['group']:<10}" + "".join(f"{d[c]:>16.2f}" for c in cols))

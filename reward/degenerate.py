@@ -19,9 +19,12 @@ def degenerate_answers(chosen_ids: list[int], eos_id: int, max_len: int,
     separates them from it:
     nothing (EOS at once); one token of the answer repeated ("ZZZZ..."); a two-token loop ("A.E.A.E...", "Aron
     Aron."); the answer's own tokens shuffled, its length and its EOS kept (a short answer that is not an answer:
-    without it the RM of a user who prefers short answers ranks any short string high). Runs and loops get a
-    random length up to `max_len` and end with EOS half the time (as a policy's would, or cut by max_new_tokens):
-    an RM that saw them only at the length limit scored a 20-token run like a real answer of 20 tokens."""
+    without it the RM of a user who prefers short answers ranks any short string high); a passage loop, the
+    answer's opening and then its last few tokens over and over ("Bees pollinate crops. Bees also pollinate crops,
+    and ... Bees also pollinate crops, and ..."): what PPO found for users who prefer long answers, since a reward
+    that grows with every real-looking token pays a loop as well as new content. Runs and loops get a random length
+    up to `max_len` and end with EOS half the time (as a policy's would, or cut by max_new_tokens): an RM that saw
+    them only at the length limit scored a 20-token run like a real answer of 20 tokens."""
     rng = rng or random.Random(0)
     ended = bool(chosen_ids) and chosen_ids[-1] == eos_id
     body = [t for t in chosen_ids if t != eos_id] or [eos_id]
@@ -37,7 +40,17 @@ def degenerate_answers(chosen_ids: list[int], eos_id: int, max_len: int,
         rng.shuffle(shuffled)
         if shuffled != body:
             break
-    return [[eos_id], run, loop, shuffled + ([eos_id] if ended else [])]
+    return [[eos_id], run, loop, shuffled + ([eos_id] if ended else []), passage_loop(body, eos_id, max_len, rng)]
+
+
+def passage_loop(body: list[int], eos_id: int, max_len: int, rng: random.Random) -> list[int]:
+    """The first k tokens of `body`, then its tokens k-m .. k repeated (m from 4 to 16), at least twice over, up to
+    a random length <= max_len; EOS half the time when it stops short of max_len."""
+    k = rng.randint(1, max(1, min(len(body), max_len // 3)))
+    m = rng.randint(min(4, k), max(min(4, k), min(16, k, max_len // 3)))
+    opening, span = body[:k], body[k - m:k]
+    n = rng.randint(min(max_len, k + 2 * m), max_len)
+    return (opening + span * max_len)[:n] + ([eos_id] if rng.random() < 0.5 and n < max_len else [])
 
 
 def degenerate_negative_pairs(pairs: list[EncodedPair], share: float, eos_id: int, max_len: int,
