@@ -3,6 +3,9 @@ answer's tokens, or both (`model.reward_pooling`)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -83,9 +86,6 @@ def rm_run_problem(run_dir) -> str | None:
     """Why `run_dir` is not the folder of a finished train_rm run ("no such folder", the files it lacks, a run.json
     of another route), or None. Reads no model: callers check before they load anything and word the error for the
     key or flag that named the folder."""
-    import json
-    from pathlib import Path
-
     from common.run import RUN_INFO, run_route
 
     run = Path(run_dir)

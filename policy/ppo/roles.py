@@ -293,9 +293,9 @@ def check_rm_run(rm_run: str | None, key: str = "ppo.rm_run") -> Path:
     if not rm_run:
         raise ConfigError(f"config key '{key}' is required: the run folder of a finished train_rm run "
                           "(the frozen reward model PPO optimises)")
-    problem = rm_run_problem(rm_run)
-    if problem == "no such folder":
+    if not Path(rm_run).is_dir():
         raise ConfigError(f"config key '{key}' names a folder that does not exist: {rm_run}")
+    problem = rm_run_problem(rm_run)
     if problem:
         raise ConfigError(f"config key '{key}' = {rm_run}: {problem}; finish `python -m pipelines.train_rm` first")
     return Path(rm_run)
