@@ -203,6 +203,12 @@ class PPOConfig:
         "off for rloo (as TRL's RLOO and OpenRLHF: the leave-one-out baseline is the only normalisation, and a "
         "token-weighted batch mean would be set by the long answers, mostly the majority's)")
     missing_eos_penalty: Optional[float] = _f(None, "reward penalty for responses that hit max_new_tokens without EOS")
+    repeated_ngram_penalty: float = _f(
+        0.0, "subtracted from each response's score times the share of its n-grams (ppo.repeated_ngram_size) that "
+        "repeat an earlier one of the same response (Yeo et al. 2025): a loop pays, a real answer (about 0.1 % of its "
+        "3-grams repeated in the demo's data) does not. For an RM that pays every real-looking token, so that a "
+        "policy lengthens its answers by going round in circles; 0: off")
+    repeated_ngram_size: int = _f(3, "n of ppo.repeated_ngram_penalty's n-grams (tokens)")
     critic: Literal["shared", "separate"] = _f("shared", "value head on the actor backbone, or a separate LoRA critic")
     reward_clip: float = _f(10.0, "clip RM scores to [-c, c]")
     normalize_reward: bool = _f(False, "standardise RM scores before the advantage (how: ppo.reward_baseline). Off "
@@ -492,6 +498,8 @@ def validate(cfg: Config) -> None:
     need(ppo.kl_horizon > 0, "ppo.kl_horizon", "must be > 0")
     need(ppo.target_kl > 0, "ppo.target_kl", "must be > 0")
     need(ppo.reward_clip > 0, "ppo.reward_clip", "must be > 0")
+    need(ppo.repeated_ngram_penalty >= 0, "ppo.repeated_ngram_penalty", "must be >= 0")
+    need(ppo.repeated_ngram_size >= 1, "ppo.repeated_ngram_size", "must be >= 1")
     need(ppo.missing_eos_penalty is None or ppo.missing_eos_penalty >= 0, "ppo.missing_eos_penalty",
          "must be >= 0 (it is subtracted) or null")
     e = cfg.eval

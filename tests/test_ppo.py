@@ -835,3 +835,40 @@ def test_clipped_policy_loss_sequence_aggregation_hand_computed():
     assert torch.allclose(logp.grad, torch.tensor([[-1.5, 0, 0], [1 / 6, 1 / 6, 1 / 6]]))
     with pytest.raises(ValueError, match="aggregation"):
         clipped_policy_loss(logp, torch.zeros(2, 3), adv, mask, 0.2, "sum")
+
+
+def test_repeated_ngram_share_hand_computed():
+    from policy.ppo.core import repeated_ngram_share
+
+    # 3-grams of 1 2 3 1 2 3 1: (123) (231) (312) (123) (231) -> the last two repeat earlier ones: 2 / 5
+    assert repeated_ngram_share([1, 2, 3, 1, 2, 3, 1], 3) == pytest.approx(2 / 5)
+    assert repeated_ngram_share([1, 2, 3, 4, 5, 6], 3) == 0.0
+    assert repeated_ngram_share([7] * 10, 1) == pytest.approx(9 / 10)
+    assert repeated_ngram_share([7, 7, 7, 9], 2) == pytest.approx(1 / 3)
+    # the EOS is not text: a finished answer counts as its words alone
+    assert repeated_ngram_share([1, 2, 1, 2, 0], 2, eos_id=0) == repeated_ngram_share([1, 2, 1, 2], 2) == 1 / 3
+    assert repeated_ngram_share([], 3) == repeated_ngram_share([1, 2], 3) == repeated_ngram_share([0], 1, 0) == 0.0
+
+
+def test_rollout_scores_pay_the_missing_eos_and_repeated_ngram_penalties(tmp_path, rm_run, ppo_data):
+    """score = RM score (clipped) - missing_eos_penalty * [no EOS] - repeated_ngram_penalty * repeated share, each
+    sample on its own tokens; the share is logged per group."""
+    from policy.ppo.core import repeated_ngram_share
+
+    over = {"ppo.rollout_batch_size": 8, "ppo.minibatch_size": 4, "ppo.advantage_estimator": "rloo",
+            "ppo.samples_per_prompt": 4, "ppo.max_new_tokens": 40, "ppo.missing_eos_penalty": 0.5,
+            "ppo.repeated_ngram_size": 1}
+    trainer = make_trainer(load_config(None, ppo_overrides(tmp_path / "a", ppo_data[0], rm_run, **over)),
+                           rm_run, tmp_path / "a")
+    plain = trainer.rollout(0)
+    penalised = make_trainer(load_config(None, ppo_overrides(tmp_path / "b", ppo_data[0], rm_run, **over,
+                                                             **{"ppo.repeated_ngram_penalty": 3.0})),
+                             rm_run, tmp_path / "b").rollout(0)
+    assert penalised.response_ids == plain.response_ids  # the penalty changes the reward, not the sampling
+    shares = torch.tensor([repeated_ngram_share(r, 1, trainer.eos_id) for r in plain.response_ids])
+    assert torch.equal(penalised.repeated, plain.repeated) and torch.allclose(plain.repeated, shares)
+    # a random tiny model repeats tokens and runs past 40 tokens: the test sees both penalties at work
+    assert float(shares.max()) > 0 and not bool(plain.ended.all())
+    clipped = plain.raw_scores.clamp(-10, 10)
+    assert torch.allclose(plain.scores, clipped - 0.5 * (~plain.ended).float())
+    assert torch.allclose(penalised.scores, plain.scores - 3.0 * shares)

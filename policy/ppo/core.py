@@ -150,6 +150,25 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
 
 
+def repeated_ngram_share(ids: list[int], n: int, eos_id: int | None = None) -> float:
+    """Share of a response's n-grams that already occurred earlier in it (0 for a response shorter than n + 1).
+
+    A loop ("they're the only bees that can ..., and they're the only bees that can ...") repeats most of its
+    n-grams; real answers of the demo's data repeat about 0.1 % of their 3-grams. An EOS, if given, is not text and
+    is dropped first. An n-gram repetition penalty of this kind is the one Yeo et al. (2025) add to an RL reward."""
+    if eos_id is not None:
+        ids = [t for t in ids if t != eos_id]
+    total = len(ids) - n + 1
+    if total <= 1:
+        return 0.0
+    seen, repeated = set(), 0
+    for i in range(total):
+        gram = tuple(ids[i:i + n])
+        repeated += gram in seen
+        seen.add(gram)
+    return repeated / total
+
+
 class FixedKLController:
     """kl_coef stays where the config put it."""
 

@@ -8,8 +8,8 @@ One iteration (`train.max_steps` of them):
    a pure function of (seed, iteration), so a resumed run draws exactly what an uninterrupted one would;
 2. generate one response per pair with the actor (user prefix, left-padded batch, KV cache, sampling config);
 3. score each response with the frozen RM *for the user it was generated for*; standardise per user (running
-   mean of that user's scores; `ppo.reward_baseline`), clip, and subtract `ppo.missing_eos_penalty` where the
-   response has no EOS;
+   mean of that user's scores; `ppo.reward_baseline`), clip, subtract `ppo.missing_eos_penalty` where the
+   response has no EOS and `ppo.repeated_ngram_penalty` times the share of its n-grams that it repeats;
 4. reference log-probs (adapters off, no prefix), old log-probs and values (one forward when the critic shares
    the actor's backbone; no values with RLOO);
 5. per-token rewards -kl_coef * (log pi - log pi_ref), the score added at the last response token; GAE; whitened
@@ -57,6 +57,7 @@ from policy.ppo.core import (
     make_kl_controller,
     masked_mean,
     per_token_kl_rewards,
+    repeated_ngram_share,
     rloo_advantages,
     whiten,
 )
@@ -84,7 +85,7 @@ class Rollout:
     responses: list[str]
     ended: torch.Tensor  # [B] bool: the response ends with EOS
     raw_scores: torch.Tensor  # [B] the RM's r(x, y, u)
-    scores: torch.Tensor  # [B] after normalisation, clipping and the missing-EOS penalty
+    scores: torch.Tensor  # [B] after normalisation, clipping and the missing-EOS and repeated n-gram penalties
     mask: torch.Tensor
     logps: torch.Tensor
     ref_logps: torch.Tensor
@@ -94,6 +95,7 @@ class Rollout:
     advantages: torch.Tensor = None
     returns: torch.Tensor = None
     timing: dict = field(default_factory=dict)
+    repeated: torch.Tensor = None  # [B] share of each response's n-grams that repeat an earlier one
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -279,10 +281,13 @@ class PPOTrainer:
                                         [self.user_texts.get(u) for u in user_ids] if self.user_texts else None,
                                         batch_size=p.minibatch_size)
         scores = self.shape_all_ranks(raw, ended, user_ids, iteration)
+        repeated = torch.tensor([repeated_ngram_share(r, p.repeated_ngram_size, self.eos_id) for r in responses])
+        if p.repeated_ngram_penalty > 0:
+            scores = scores - p.repeated_ngram_penalty * repeated
 
         # 4. old log-probs, values, reference log-probs
         ro = Rollout([i for i, _ in pairs], user_ids, prompt_ids, responses, text_ids, user_idx, texts, ended,
-                     raw, scores, None, None, None, None)
+                     raw, scores, None, None, None, None, repeated=repeated)
         width = max(len(r) for r in responses)
         logps, ref_logps, values, masks = [], [], [], []
         for s in range(0, len(ro), p.minibatch_size):
@@ -400,6 +405,8 @@ class PPOTrainer:
         reward_g = {g: float(ro.raw_scores[ix].mean()) for g, ix in sorted(by_group.items())}
         words_g = {g: float(words[ix].mean()) for g, ix in sorted(by_group.items())}
         kl_g = {g: float(seq_kl[ix].mean()) for g, ix in sorted(by_group.items())}
+        repeated_g = ({g: float(ro.repeated[ix].mean()) for g, ix in sorted(by_group.items())}
+                      if ro.repeated is not None else {})
         t = ro.timing
         metrics = {
             "reward/mean": float(ro.raw_scores.mean()), "score/mean": float(ro.scores.mean()),
@@ -407,6 +414,7 @@ class PPOTrainer:
             **{f"reward/group/{g}": v for g, v in reward_g.items()},
             **{f"length/words/group/{g}": v for g, v in words_g.items()},
             **{f"kl/seq/group/{g}": v for g, v in kl_g.items()},
+            **{f"rollout/repeated_ngram_share/group/{g}": v for g, v in repeated_g.items()},
             "kl/seq": float(seq_kl.mean()), "kl/token": float(masked_mean(ro.kl, ro.mask)), "kl/coef": kl_coef,
             "value/mean": float(masked_mean(ro.values, ro.mask)),
             "returns/mean": float(masked_mean(ro.returns, ro.mask)),
@@ -418,7 +426,7 @@ class PPOTrainer:
             "train/lr": lr, **update,
         }
         entry = {"reward": reward_u, "response_words": words_u, "reward_group": reward_g,
-                 "response_words_group": words_g, "kl_group": kl_g,
+                 "response_words_group": words_g, "kl_group": kl_g, "repeated_ngram_share_group": repeated_g,
                  "n": {u: len(ix) for u, ix in sorted(by_user.items())},
                  "reward_mean": metrics["reward/mean"], "kl": metrics["kl/seq"], "kl_coef": kl_coef,
                  "loss": update.get("loss/total"), "value_loss": update.get("loss/value"),
