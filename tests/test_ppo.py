@@ -493,13 +493,16 @@ def test_train_ppo_end_to_end(tmp_path, rm_run, ppo_data):
     history = json.loads((out / "ppo_history.json").read_text())
     assert [h["iteration"] for h in history["iterations"]] == [1, 2]
     for h in history["iterations"]:
-        assert set(h["reward"]) == set(h["response_words"]) and set(h["reward"]) <= {"<generic>", "a", "b"}
+        assert set(h["reward"]) == set(h["response_words"]) == set(h["kl_user"]) <= {"<generic>", "a", "b"}
+        # per-user sequence KL, so that a drift can be traced to the user it happens to
+        assert all(math.isfinite(v) for v in h["kl_user"].values())
+        assert sum(h["kl_user"][u] * h["n"][u] for u in h["n"]) / sum(h["n"].values()) == pytest.approx(h["kl"])
         assert all(math.isfinite(v) for v in h["reward"].values())
     logged = [json.loads(line) for line in (out / "metrics_log.jsonl").read_text().splitlines()]
     for key in ("reward/mean", "kl/seq", "policy/entropy", "policy/clipfrac", "loss/value", "length/words",
                 "perf/rollout_tokens_per_s", "perf/train_tokens_per_s"):
         assert key in logged[0], key
-    assert any(k.startswith("reward/user/") for k in logged[0])
+    assert any(k.startswith("reward/user/") for k in logged[0]) and any(k.startswith("kl/seq/user/") for k in logged[0])
     # the run loads back as a policy (what evaluate does) and its value head as a Linear
     _, backbone, _, vocab, _ = load_backbone_from_run(out, CPU)
     assert len(vocab) == 2 and isinstance(PersonalizedPolicy(backbone), PersonalizedPolicy)

@@ -397,6 +397,7 @@ class PPOTrainer:
         seq_kl = ro.kl.sum(1)
         reward_u = {u: float(ro.raw_scores[ix].mean()) for u, ix in sorted(by_user.items())}
         words_u = {u: float(words[ix].mean()) for u, ix in sorted(by_user.items())}
+        kl_u = {u: float(seq_kl[ix].mean()) for u, ix in sorted(by_user.items())}
         by_group: dict[str, list[int]] = defaultdict(list)
         for i, u in enumerate(ro.user_ids):
             g = self.user_groups.get(u) if u is not None else None
@@ -414,6 +415,7 @@ class PPOTrainer:
             **{f"reward/group/{g}": v for g, v in reward_g.items()},
             **{f"length/words/group/{g}": v for g, v in words_g.items()},
             **{f"kl/seq/group/{g}": v for g, v in kl_g.items()},
+            **{f"kl/seq/user/{u}": v for u, v in kl_u.items()},
             **{f"rollout/repeated_ngram_share/group/{g}": v for g, v in repeated_g.items()},
             "kl/seq": float(seq_kl.mean()), "kl/token": float(masked_mean(ro.kl, ro.mask)), "kl/coef": kl_coef,
             "value/mean": float(masked_mean(ro.values, ro.mask)),
@@ -426,7 +428,8 @@ class PPOTrainer:
             "train/lr": lr, **update,
         }
         entry = {"reward": reward_u, "response_words": words_u, "reward_group": reward_g,
-                 "response_words_group": words_g, "kl_group": kl_g, "repeated_ngram_share_group": repeated_g,
+                 "response_words_group": words_g, "kl_group": kl_g, "kl_user": kl_u,
+                 "repeated_ngram_share_group": repeated_g,
                  "n": {u: len(ix) for u, ix in sorted(by_user.items())},
                  "reward_mean": metrics["reward/mean"], "kl": metrics["kl/seq"], "kl_coef": kl_coef,
                  "loss": update.get("loss/total"), "value_loss": update.get("loss/value"),
