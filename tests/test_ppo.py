@@ -855,14 +855,14 @@ def test_repeated_ngram_share_hand_computed():
 
 def test_rollout_scores_pay_the_missing_eos_and_repeated_ngram_penalties(tmp_path, rm_run, ppo_data):
     """score = RM score (clipped) - missing_eos_penalty * [no EOS] - repeated_ngram_penalty * repeated share, each
-    sample on its own tokens; the share is logged per group."""
+    sample on its own tokens."""
     from policy.ppo.core import repeated_ngram_share
 
     over = {"ppo.rollout_batch_size": 8, "ppo.minibatch_size": 4, "ppo.advantage_estimator": "rloo",
             "ppo.samples_per_prompt": 4, "ppo.max_new_tokens": 40, "ppo.missing_eos_penalty": 0.5,
             "ppo.repeated_ngram_size": 1}
-    trainer = make_trainer(load_config(None, ppo_overrides(tmp_path / "a", ppo_data[0], rm_run, **over)),
-                           rm_run, tmp_path / "a")
+    cfg = load_config(None, ppo_overrides(tmp_path / "a", ppo_data[0], rm_run, **over))
+    trainer = make_trainer(cfg, rm_run, tmp_path / "a")
     plain = trainer.rollout(0)
     penalised = make_trainer(load_config(None, ppo_overrides(tmp_path / "b", ppo_data[0], rm_run, **over,
                                                              **{"ppo.repeated_ngram_penalty": 3.0})),
@@ -872,6 +872,6 @@ def test_rollout_scores_pay_the_missing_eos_and_repeated_ngram_penalties(tmp_pat
     assert torch.equal(penalised.repeated, plain.repeated) and torch.allclose(plain.repeated, shares)
     # a random tiny model repeats tokens and runs past 40 tokens: the test sees both penalties at work
     assert float(shares.max()) > 0 and not bool(plain.ended.all())
-    clipped = plain.raw_scores.clamp(-10, 10)
+    clipped = plain.raw_scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip)
     assert torch.allclose(plain.scores, clipped - 0.5 * (~plain.ended).float())
     assert torch.allclose(penalised.scores, plain.scores - 3.0 * shares)

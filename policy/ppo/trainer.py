@@ -222,20 +222,19 @@ class PPOTrainer:
         return out
 
     # ------------------------------------------------------------------------------------------ 3. scores
-    def shape_all_ranks(self, raw: torch.Tensor, ended: torch.Tensor, users: list[str | None],
-                        iteration: int) -> torch.Tensor:
+    def shape_all_ranks(self, raw: torch.Tensor, users: list[str | None], iteration: int) -> torch.Tensor:
         """`shape_scores` over the whole rollout batch of all ranks, this rank's share returned: the baselines'
         running statistics then see every score, on every rank alike (their checkpoint is rank 0's)."""
         world = dist.world_size()
         if world == 1:
-            return self.shape_scores(raw, ended, users)
+            return self.shape_scores(raw, users)
         all_raw = dist.gather_equal(raw)
-        all_ended = dist.gather_equal(ended.to(torch.uint8)).bool()
         all_users = [u for _, u in self.sample_pairs(iteration, rank=0, world_size=1)]
-        scores = self.shape_scores(all_raw, all_ended, all_users)
+        scores = self.shape_scores(all_raw, all_users)
         return dist.shard(scores, dist.rank(), world, group=self.ppo.samples_per_prompt, what="rollout scores")
 
-    def shape_scores(self, raw: torch.Tensor, ended: torch.Tensor, users: list[str | None] | None = None) -> torch.Tensor:
+    def shape_scores(self, raw: torch.Tensor, users: list[str | None] | None = None) -> torch.Tensor:
+        """Normalise (`ppo.normalize_reward`, `ppo.reward_baseline`) and clip: what needs the whole batch."""
         s = raw.clone().float()
         if self.ppo.normalize_reward and self.ppo.reward_baseline == "group":
             k = self.ppo.samples_per_prompt
@@ -250,9 +249,15 @@ class PPOTrainer:
             s = (s - self.reward_stats["mean"]) / self.reward_stats["std"]
         if self.ppo.reward_clip > 0:
             s = s.clamp(-self.ppo.reward_clip, self.ppo.reward_clip)
-        if self.ppo.missing_eos_penalty is not None:
-            s = s - self.ppo.missing_eos_penalty * (~ended).float()
         return s
+
+    def penalties(self, ended: torch.Tensor, repeated: torch.Tensor) -> torch.Tensor:
+        """What each sample pays on its own, after shaping: `ppo.missing_eos_penalty` where it has no EOS,
+        `ppo.repeated_ngram_penalty` times the share of its n-grams that it repeats."""
+        out = torch.zeros(len(ended))
+        if self.ppo.missing_eos_penalty is not None:
+            out = out + self.ppo.missing_eos_penalty * (~ended).float()
+        return out + self.ppo.repeated_ngram_penalty * repeated
 
     # ------------------------------------------------------------------------------------------ 2-5. rollout
     @torch.no_grad()
@@ -280,10 +285,8 @@ class PPOTrainer:
                                         user_ids, self.tokenizer,
                                         [self.user_texts.get(u) for u in user_ids] if self.user_texts else None,
                                         batch_size=p.minibatch_size)
-        scores = self.shape_all_ranks(raw, ended, user_ids, iteration)
         repeated = torch.tensor([repeated_ngram_share(r, p.repeated_ngram_size, self.eos_id) for r in responses])
-        if p.repeated_ngram_penalty > 0:
-            scores = scores - p.repeated_ngram_penalty * repeated
+        scores = self.shape_all_ranks(raw, user_ids, iteration) - self.penalties(ended, repeated)
 
         # 4. old log-probs, values, reference log-probs
         ro = Rollout([i for i, _ in pairs], user_ids, prompt_ids, responses, text_ids, user_idx, texts, ended,
