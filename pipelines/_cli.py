@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Callable
 
+from common import dist
 from common.config import Config, ConfigError, help_text, load_config
 from common.trainer import TrainingError
 from preference_data.records import DataError
@@ -34,6 +35,7 @@ def stage_main(stage: str, description: str, run: Callable[[Config], dict], argv
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg)
+        dist.teardown()
     except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"{stage}: error: {exc}", file=sys.stderr)
         return 2
