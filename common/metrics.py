@@ -12,6 +12,14 @@ from preference_data.vocab import UserVocab
 NO_USER = "<none>"
 
 
+def distinct_token_share(token_ids) -> float:
+    """Distinct tokens / tokens of one answer (distinct-1; 1.0 for an empty one): a word count can be fooled by a
+    run of one token ("ZZZZ..." is one word), this share cannot. It falls with length even for real text (the
+    demo's real 50-word answers: about 0.8), so compare answers of similar length."""
+    ids = list(token_ids)
+    return len(set(ids)) / len(ids) if ids else 1.0
+
+
 def user_key(record: PreferenceRecord) -> str:
     return record.user_id if record.user_id is not None else NO_USER
 

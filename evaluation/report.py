@@ -25,17 +25,20 @@ def _row(label: str, v: dict, lc: bool, extra: list[str] = ()) -> str:
     if lc:
         cells.append(_fmt(v.get("lc_win_rate")))
     cells += [_fmt(v["mean_words"]["run"], 1), _fmt(v["mean_words"]["baseline"], 1)]
+    if "mean_distinct_token_share" in v:
+        cells += [_fmt(v["mean_distinct_token_share"]["run"], 2), _fmt(v["mean_distinct_token_share"]["baseline"], 2)]
     return "| " + " | ".join(cells) + " |"
 
 
-def _header(first: list[str], lc: bool) -> list[str]:
+def _header(first: list[str], lc: bool, distinct: bool) -> list[str]:
     cols = first + ["win", "tie", "loss", "n", "invalid", "win rate", "95% CI"] + (["LC win rate"] if lc else []) + \
-        ["words (run)", "words (baseline)"]
+        ["words (run)", "words (baseline)"] + (["distinct (run)", "distinct (baseline)"] if distinct else [])
     return ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
 
 
 def write_report(result: dict, path: Path, plot: Path | None = None) -> Path:
     lc = result["length_controlled"]
+    distinct = "mean_distinct_token_share" in result["overall"]
     judge = f"`{result['judge']}`"
     if result["judge"].startswith("rm:"):
         judge += f" (RM run `{result['judge_model']}`)"
@@ -75,18 +78,23 @@ def write_report(result: dict, path: Path, plot: Path | None = None) -> Path:
                   f"cache: {calls.get('n_cached', 0)}.", ""]
     lines += ["## Per group", ""]
     if result["per_group"]:
-        lines += _header(["group"], lc) + [_row(g, v, lc) for g, v in result["per_group"].items()]
+        lines += _header(["group"], lc, distinct) + [_row(g, v, lc) for g, v in result["per_group"].items()]
     else:
         lines += ["The records carry no `group`."]
     lines += ["", "## Per user", "", "`seen`: the user is in the run's users.json (trained on); an unseen user is "
               "answered as the generic user 0.", ""]
-    lines += _header(["user", "group", "seen"], lc)
+    lines += _header(["user", "group", "seen"], lc, distinct)
     lines += [_row(u, v, lc, [str(v["group"] or "-"), str(v["seen"])]) for u, v in result["per_user"].items()]
     lines += [""]
     if lc:
         lines += [LC_NOTE, ""]
     lines += ["Mean words are over all of the subset's items (invalid ones too); every item's answers, verdicts and "
               "outcome are in judgments.jsonl.", ""]
+    if distinct:
+        lines += ["Distinct: the mean share of distinct tokens in an answer (distinct-1, EOS included): a judge that "
+                  "counts words prefers a long loop, so a low share beside a high win rate is a degenerate win. It "
+                  "falls with length even for real text (about 0.8 for the length-conflict data's real 50-word "
+                  "answers), so compare answers of similar length.", ""]
     if plot is not None:
         lines += [f"![win rate per user](plots/{Path(plot).name})", ""]
     path.write_text("\n".join(lines))

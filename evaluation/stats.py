@@ -114,15 +114,21 @@ def length_controlled_win_rate(scores: Sequence[float], word_diff: Sequence[floa
 
 
 def summarize(outcomes: Sequence[str], run_words: Sequence[float], baseline_words: Sequence[float], *,
-              n_boot: int = 1000, seed: int = 0, length_controlled: bool = True) -> dict:
+              n_boot: int = 1000, seed: int = 0, length_controlled: bool = True,
+              run_distinct: Sequence[float] | None = None, baseline_distinct: Sequence[float] | None = None) -> dict:
     """One row of winrate.json: the tally, its bootstrap interval (`ci95`), the mean words of both sides over all
-    the items (invalid ones included: they describe the answers, not the judge) and, when asked, the
-    length-controlled win rate over the valid items (`lc_win_rate`)."""
+    the items (invalid ones included: they describe the answers, not the judge), when given their mean
+    distinct-token shares (a judge that counts words prefers a long loop: this says whether the answers it judged
+    are real text) and, when asked, the length-controlled win rate over the valid items (`lc_win_rate`)."""
     if not (len(outcomes) == len(run_words) == len(baseline_words)):
         raise ValueError("outcomes, run_words and baseline_words must have the same length")
     row = tally(outcomes)
     row["ci95"] = bootstrap_ci(scores_of(outcomes), n_boot, seed)
     row["mean_words"] = {"run": _mean(run_words), "baseline": _mean(baseline_words)}
+    if run_distinct is not None and baseline_distinct is not None:
+        if not (len(run_distinct) == len(baseline_distinct) == len(outcomes)):
+            raise ValueError("run_distinct and baseline_distinct need one share per outcome")
+        row["mean_distinct_token_share"] = {"run": _mean(run_distinct), "baseline": _mean(baseline_distinct)}
     if length_controlled:
         valid = [i for i, o in enumerate(outcomes) if o != "invalid"]
         row["lc_win_rate"] = length_controlled_win_rate([SCORE[outcomes[i]] for i in valid],

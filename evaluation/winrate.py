@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from common import plots
-from common.metrics import NO_USER
+from common.metrics import NO_USER, distinct_token_share
 from evaluation import stats
 from evaluation.judges import Judge, JudgeSpec, JudgeSpecError, Query, build_judge, parse_judge_spec, words
 from evaluation.verdicts import combine_orders, outcome_of
@@ -159,15 +159,22 @@ def judge_items(judge: Judge, items: list[Item], run_answers: list, baseline_ans
 
 
 def aggregate(items: list[Item], rows: list[dict], run_words: list[int], baseline_words: list[int],
-              seen: dict[str, bool], *, n_boot: int = 1000, seed: int = 0, length_controlled: bool = True) -> dict:
+              seen: dict[str, bool], *, n_boot: int = 1000, seed: int = 0, length_controlled: bool = True,
+              run_distinct: list[float] | None = None, baseline_distinct: list[float] | None = None) -> dict:
     """per_user / per_group / overall rows (`stats.summarize`) and the position-consistency rate. Each interval
-    resamples the items of its own subset (a group's within the group)."""
+    resamples the items of its own subset (a group's within the group). `*_distinct`: each answer's
+    distinct-token share, averaged in every row when given."""
     outcomes = [r["outcome"] for r in rows]
+    shares = run_distinct is not None and baseline_distinct is not None
+    if shares and not len(run_distinct) == len(baseline_distinct) == len(rows):
+        raise ValueError("run_distinct and baseline_distinct need one share per outcome")
 
     def summary(idx: list[int]) -> dict:
         return stats.summarize([outcomes[i] for i in idx], [run_words[i] for i in idx],
                                [baseline_words[i] for i in idx], n_boot=n_boot, seed=seed,
-                               length_controlled=length_controlled)
+                               length_controlled=length_controlled,
+                               run_distinct=[run_distinct[i] for i in idx] if shares else None,
+                               baseline_distinct=[baseline_distinct[i] for i in idx] if shares else None)
 
     by_user: dict[str, list[int]] = {}
     by_group: dict[str, list[int]] = {}
@@ -236,10 +243,13 @@ def run_winrate(run: str | Path, baseline: str | Path, prompts: str | Path, judg
         judge.close()
     run_words = [words(a.text) for a in run_answers]
     base_words = [words(a.text) for a in base_answers]
+    run_distinct = [distinct_token_share(a.token_ids) for a in run_answers]
+    base_distinct = [distinct_token_share(a.token_ids) for a in base_answers]
     length_controlled = spec.kind != "length"
     result = {"run": str(run), "baseline": str(baseline), "judge": str(spec), "n": 0,
               **aggregate(items, rows, run_words, base_words, run_facts["seen"], n_boot=n_boot, seed=seed,
-                          length_controlled=length_controlled)}
+                          length_controlled=length_controlled, run_distinct=run_distinct,
+                          baseline_distinct=base_distinct)}
     result["n"] = result["overall"]["n"]
     result.update({
         # what judged: the endpoint's model, the hf model, or the RM run's folder
@@ -269,6 +279,8 @@ def _write_outputs(out: Path, result: dict, items, rows, run_answers, base_answe
                   "group": it.group, "seen": result["per_user"][it.user]["seen"],
                   "run_answer": ra.text, "baseline_answer": ba.text, "run_finished": ra.finished,
                   "baseline_finished": ba.finished, "run_words": rw, "baseline_words": bw,
+                  "run_distinct_token_share": distinct_token_share(ra.token_ids),
+                  "baseline_distinct_token_share": distinct_token_share(ba.token_ids),
                   "identical": row["identical"], "verdicts": row["verdicts"], "outcome": row["outcome"],
                   "consistent": row["consistent"], "detail": row["detail"]}
                  for it, ra, ba, rw, bw, row in zip(items, run_answers, base_answers, run_words, base_words, rows)),
@@ -307,9 +319,10 @@ def _log_to_tracker(run: Path, out: Path, result: dict, report_to: str | None) -
     tracker.log(flat)
     tracker.summary(flat)
     columns = ["user", "group", "seen", "win", "tie", "loss", "n", "invalid", "win_rate", "ci_low", "ci_high",
-               "words_run", "words_baseline"]
+               "words_run", "words_baseline", "distinct_run", "distinct_baseline"]
     table = [[u, v["group"], v["seen"], v["win"], v["tie"], v["loss"], v["n"], v["invalid"], v["win_rate"],
-              *(v["ci95"] or [None, None]), v["mean_words"]["run"], v["mean_words"]["baseline"]]
+              *(v["ci95"] or [None, None]), v["mean_words"]["run"], v["mean_words"]["baseline"],
+              *[v.get("mean_distinct_token_share", {}).get(k) for k in ("run", "baseline")]]
              for u, v in result["per_user"].items()]
     tracker.log_table("winrate/per_user", columns, table)
     tracker.log_bar("winrate/per_user_chart", [r[0] for r in table], [r[8] if r[8] is not None else 0.0 for r in table],

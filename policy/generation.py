@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from common.metrics import words
+from common.metrics import distinct_token_share, words
 
 
 @torch.no_grad()
@@ -55,7 +55,7 @@ def generate_per_user(policy, encoder, prompts: list[str], users: dict[str, int]
         # words can be fooled (a run of "BBBB..." is one word): tokens and the share of distinct tokens per
         # response (distinct-1) show whether a short answer is an answer or a degenerate string
         result["response_tokens"][label] = sum(len(o) for o in ids[label]) / n
-        result["distinct_token_share"][label] = sum(len(set(o)) / len(o) if o else 1.0 for o in ids[label]) / n
+        result["distinct_token_share"][label] = sum(distinct_token_share(o) for o in ids[label]) / n
         pairs = [{"prompt": p, "response": t} for p, t in zip(prompts, outs)]
         result["texts"][label] = pairs
         result["examples"][label] = pairs[:sample_outputs]

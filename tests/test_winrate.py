@@ -160,6 +160,14 @@ def test_length_controlled_win_rate_hand_computation():
     assert stats.length_controlled_win_rate([], []) is None
 
 
+def test_distinct_token_share_hand_computation():
+    from common.metrics import distinct_token_share
+
+    assert distinct_token_share([5, 5, 5, 5]) == 0.25  # a run of one token: what a word count calls one word
+    assert distinct_token_share([1, 2, 3, 2, 0]) == 0.8
+    assert distinct_token_share(iter([7])) == 1.0 and distinct_token_share([]) == 1.0
+
+
 def test_summarize_and_aggregate_per_user_and_group():
     items = [Item("p1", "u1", None, "g"), Item("p2", "u1", None, "g"), Item("p1", "u2", None, "h"),
              Item("p1", None, None, None)]
@@ -173,6 +181,14 @@ def test_summarize_and_aggregate_per_user_and_group():
     assert set(out["per_group"]) == {"g", "h"}  # an item without a group counts overall only
     assert out["overall"]["n"] == 3 and out["overall"]["win_rate"] == pytest.approx(0.5)
     assert out["position_consistency"] == pytest.approx(2 / 3)
+    assert "mean_distinct_token_share" not in u1  # only when the shares are given
+    shared = aggregate(items, rows, [3, 4, 5, 6], [1, 1, 1, 1], {}, n_boot=0, run_distinct=[0.5, 1.0, 0.25, 0.75],
+                       baseline_distinct=[1.0, 1.0, 0.5, 0.5])
+    assert shared["per_user"]["u1"]["mean_distinct_token_share"] == {"run": 0.75, "baseline": 1.0}
+    assert shared["per_group"]["h"]["mean_distinct_token_share"] == {"run": 0.25, "baseline": 0.5}
+    assert shared["overall"]["mean_distinct_token_share"] == {"run": 0.625, "baseline": 0.75}
+    with pytest.raises(ValueError, match="one share per outcome"):
+        aggregate(items, rows, [3, 4, 5, 6], [1, 1, 1, 1], {}, n_boot=0, run_distinct=[0.5], baseline_distinct=[1.0])
 
 
 # ------------------------------------------------------------------------------------------------ verdicts, judges
@@ -449,8 +465,13 @@ def test_cli_end_to_end_length_judge(runs, tmp_path, monkeypatch, capsys):
         want = "tie" if rw == bw else ("win" if (rw < bw) == (x["user"] in ("b", "zz")) else "loss")
         assert x["outcome"] == want, x
     assert sum(x["outcome"] == "win" for x in lines if x["user"] == "b") == w["per_user"]["b"]["win"]
+    b_lines = [x for x in lines if x["user"] == "b"]
+    for side in ("run", "baseline"):  # each answer's distinct-token share, averaged per user
+        assert all(0 < x[f"{side}_distinct_token_share"] <= 1 for x in lines)
+        assert w["per_user"]["b"]["mean_distinct_token_share"][side] == pytest.approx(
+            sum(x[f"{side}_distinct_token_share"] for x in b_lines) / len(b_lines))
     report = (out / "report.md").read_text()
-    assert "## Per user" in report and "| zz | minority | False |" in report
+    assert "## Per user" in report and "| zz | minority | False |" in report and "distinct (run)" in report
     assert (out / "plots" / "win_rate_per_user.png").stat().st_size > 0
     init = next(x for x in inits if isinstance(x, dict))
     assert init["job_type"] == "winrate" and init["group"] == runs["pdpo"].parent.name  # the experiment's group
