@@ -87,6 +87,11 @@ def _win_rates(runs: list[dict]) -> tuple[dict, dict]:
                                "overall": {k: overall.get(k) for k in keep if k in overall},
                                "per_group": {g: {k: v.get(k) for k in keep if k in v}
                                              for g, v in (w.get("per_group") or {}).items()}}
+        shares = {u: (v.get("mean_distinct_token_share") or {}).get("run") for u, v in (w.get("per_user") or {}).items()}
+        shares = {u: x for u, x in shares.items() if x is not None}
+        if shares:  # a word-counting judge prefers a long loop: the judged answers' least varied user says if it won one
+            low = min(shares, key=shares.get)
+            details[r["label"]]["lowest_distinct_token_share"] = {"user": low, "share": shares[low]}
         for g, v in [*(w.get("per_group") or {}).items(), ("all users", overall)]:
             per_group.setdefault(g, {})[r["label"]] = v.get("win_rate")
     return details, per_group
@@ -186,7 +191,9 @@ def _win_rate_section(comp: dict) -> list[str]:
     lines += _md_table(rows, cols, "group")
     lines += [""] + [f"- `{lab}`: against `{d['baseline']}`, judge `{d['judge']}`" +
                      (f", position consistency {d['position_consistency']:.3f}"
-                      if d.get("position_consistency") is not None else "") + f" (`{d['source']}`)"
+                      if d.get("position_consistency") is not None else "") +
+                     (f"; judged answers' distinct-token share, lowest user {low['user']} {low['share']:.3f}"
+                      if (low := d.get("lowest_distinct_token_share")) else "") + f" (`{d['source']}`)"
                      for lab, d in details.items()]
     return lines
 

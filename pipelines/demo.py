@@ -216,6 +216,11 @@ def print_win_rates(comp: dict) -> None:
             cells.append("-" if not v or v.get("win_rate") is None else
                          f"{v['win_rate']:.3f}" + (f" [{ci[0]:.2f},{ci[1]:.2f}]" if ci else ""))
         print(f"{g:<12}" + "".join(f"{c:>22}" for c in cells))
+    lows = {lab: d.get("lowest_distinct_token_share") for lab, d in details.items()}
+    if any(lows.values()):  # a long loop wins under the length rule: are the judged answers text?
+        cells = [f"{low['user']} {low['share']:.2f}" if low else "-" for low in (lows[c] for c in cols)]
+        print(f"{'distinct min':<12}" + "".join(f"{c:>22}" for c in cells) +
+              "   (judged answers' distinct-token share, lowest user)")
 
 
 def print_tables(comp: dict) -> None:

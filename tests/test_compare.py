@@ -97,7 +97,7 @@ def test_generation_statistics_per_group_share_one_rule():
                                                  "<reference>": 9.0}
 
 
-def write_winrate(folder, per_group, baseline="runs/sft", judge="length:prefer_short=u2"):
+def write_winrate(folder, per_group, baseline="runs/sft", judge="length:prefer_short=u2", per_user=None):
     """A winrate.json (pipelines.winrate's schema) with {group: (win, tie, loss, ci95)}."""
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -107,7 +107,7 @@ def write_winrate(folder, per_group, baseline="runs/sft", judge="length:prefer_s
 
     groups = {g: row(*v) for g, v in per_group.items()}
     total = [sum(v[i] for v in per_group.values()) for i in range(3)]
-    w = {"run": str(folder.parent), "baseline": baseline, "judge": judge, "n": sum(total), "per_user": {},
+    w = {"run": str(folder.parent), "baseline": baseline, "judge": judge, "n": sum(total), "per_user": per_user or {},
          "per_group": groups, "overall": row(*total, None), "position_consistency": None}
     (folder / "winrate.json").write_text(json.dumps(w))
     return folder
@@ -115,7 +115,9 @@ def write_winrate(folder, per_group, baseline="runs/sft", judge="length:prefer_s
 
 def test_win_rates_join_the_comparison_by_convention(tmp_path):
     pdpo = write_run(tmp_path / "pdpo", "dpo", {"u1": ("majority", 1.0), "u2": ("minority", 1.0)})
-    write_winrate(pdpo / "winrate", {"majority": (3, 1, 0, [0.6, 1.0]), "minority": (7, 1, 0, [0.8, 1.0])})
+    write_winrate(pdpo / "winrate", {"majority": (3, 1, 0, [0.6, 1.0]), "minority": (7, 1, 0, [0.8, 1.0])},
+                  per_user={u: {"mean_distinct_token_share": {"run": x, "baseline": 0.7}}
+                            for u, x in (("u1", 0.65), ("u2", 0.9), ("u3", 0.55))})
     ppo = write_run(tmp_path / "ppo", "ppo", {"u1": ("majority", 1.0)})
     (ppo / "run.json").write_text(json.dumps({"stage": "train_ppo", "route": "ppo"}))
     evaluation = write_run(ppo / "eval", "ppo", {"u1": ("majority", 0.5)})  # an evaluate output inside the run
@@ -128,11 +130,14 @@ def test_win_rates_join_the_comparison_by_convention(tmp_path):
     assert comp["win_rate"]["eval"]["judge"] == "rm:runs/rm"
     assert comp["win_rate"]["eval"]["source"] == str(ppo / "winrate" / "winrate.json")
     assert "rm" not in comp["win_rate"]  # a run without win rates keeps its columns, and gets none here
+    assert comp["win_rate"]["pdpo"]["lowest_distinct_token_share"] == {"user": "u3", "share": 0.55}
+    assert "lowest_distinct_token_share" not in comp["win_rate"]["eval"]  # its winrate.json has no shares
     assert "wr" not in comp["cost"] and list(comp["generic_accuracy"]) == ["pdpo", "eval", "rm"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Win rate against a baseline" in report
     assert "| minority | 0.938 [0.80, 1.00] | 0.250 [0.00, 0.60] | - |" in report
     assert "`wr` (win rates only)" in report and "judge `rm:runs/rm`" in report
+    assert "distinct-token share, lowest user u3 0.550" in report
     assert (tmp_path / "out" / "plots" / "win_rate_per_group.png").exists()
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert saved["win_rate_per_group"] == comp["win_rate_per_group"]
