@@ -266,12 +266,14 @@ def run_winrate(run: str | Path, baseline: str | Path, prompts: str | Path, judg
         "wall_s": {"total": time.time() - t0, "generation_run": run_facts["generation_s"],
                    "generation_baseline": base_facts["generation_s"], "judging": judge_s},
     })
-    _write_outputs(out, result, items, rows, run_answers, base_answers, run_words, base_words)
+    _write_outputs(out, result, items, rows, run_answers, base_answers, (run_words, base_words),
+                   (run_distinct, base_distinct))
     _log_to_tracker(run, out, result, report_to)
     return result
 
 
-def _write_outputs(out: Path, result: dict, items, rows, run_answers, base_answers, run_words, base_words) -> None:
+def _write_outputs(out: Path, result: dict, items, rows, run_answers, base_answers, words_of, distinct_of) -> None:
+    """`words_of`, `distinct_of`: (run's, baseline's) per-item word counts and distinct-token shares."""
     from evaluation.report import write_report
     from preference_data.io import write_jsonl
 
@@ -279,11 +281,11 @@ def _write_outputs(out: Path, result: dict, items, rows, run_answers, base_answe
                   "group": it.group, "seen": result["per_user"][it.user]["seen"],
                   "run_answer": ra.text, "baseline_answer": ba.text, "run_finished": ra.finished,
                   "baseline_finished": ba.finished, "run_words": rw, "baseline_words": bw,
-                  "run_distinct_token_share": distinct_token_share(ra.token_ids),
-                  "baseline_distinct_token_share": distinct_token_share(ba.token_ids),
+                  "run_distinct_token_share": rd, "baseline_distinct_token_share": bd,
                   "identical": row["identical"], "verdicts": row["verdicts"], "outcome": row["outcome"],
                   "consistent": row["consistent"], "detail": row["detail"]}
-                 for it, ra, ba, rw, bw, row in zip(items, run_answers, base_answers, run_words, base_words, rows)),
+                 for it, ra, ba, rw, bw, rd, bd, row in zip(items, run_answers, base_answers, *words_of, *distinct_of,
+                                                            rows)),
                 out / "judgments.jsonl")
     png = plots.win_rate_per_user(result["per_user"], out / "plots" / "win_rate_per_user.png",
                                   f"{Path(result['run']).name} vs {Path(result['baseline']).name} ({result['judge']})")
