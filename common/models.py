@@ -129,8 +129,10 @@ def _build_smollm2(target: Path) -> None:
 # ------------------------------------------------------------------------------------------------- entry point
 
 
-def load_causal_lm(name: str, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None):
-    """(model, tokenizer) for a `model.name`. The tokenizer always has a pad token."""
+def load_causal_lm(name: str, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None,
+                   attn_implementation: str | None = None):
+    """(model, tokenizer) for a `model.name`. The tokenizer always has a pad token. `attn_implementation`
+    (`model.attn_implementation`): the attention kernel, None keeps transformers' default (sdpa)."""
     if name == "tiny-random":
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer, dtype=_dtype(dtype))
@@ -145,6 +147,8 @@ def load_causal_lm(name: str, dtype: str = "float32", trust_remote_code: bool = 
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(dtype), use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, revision=revision)
+    if attn_implementation is not None and model.config._attn_implementation != attn_implementation:
+        model.set_attn_implementation(attn_implementation)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

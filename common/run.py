@@ -123,7 +123,7 @@ def load_start_lm(cfg: Config):
 
     _, storage = resolve_dtypes(cfg)
     lm, tokenizer = load_causal_lm(cfg.model.name, describe(storage), cfg.model.trust_remote_code,
-                                   cfg.model.revision)
+                                   cfg.model.revision, cfg.model.attn_implementation)
     if cfg.model.sft_run:
         lm = merge_sft_adapter(lm, Path(cfg.model.sft_run))
     return lm, tokenizer
