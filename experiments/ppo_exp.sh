@@ -4,6 +4,7 @@ set -e
 cd "$(dirname "$0")/.."
 NAME=$1; BASE=$2; shift 2
 OUT=runs/exp/$NAME
+mkdir -p runs/exp
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 t0=$(date +%s)
 .venv/bin/python -m pipelines.train_ppo --config configs/demo/ppo.yaml output_dir=$OUT model.sft_run=$BASE/sft \

@@ -118,3 +118,19 @@ def test_serve_rows(tmp_path):
         assert r["users"] == 4  # 4 requests, 4 different users (of 3 users, the generic one and an unseen id)
     for r in rows[1::2]:
         assert r["match_sequential"] == 1.0 and _positive(r["speedup"])
+
+
+def test_profile_step_attributes_the_step_to_operators(tmp_path):
+    from bench import profile_step
+
+    out = tmp_path / "profile.json"
+    result = profile_step.main(["--model", "tiny-random", "--steps", "1", "--dtypes", "float32", "--threads", "1",
+                                "--set", "model.attn_implementation=eager", "--top", "500", "--json", str(out)])
+    (prof,) = result["profiles"]
+    assert prof["step_s"] > 0 and json.loads(out.read_text())["profiles"][0]["impl"] == "dpo"
+    assert math.isclose(sum(prof["families"].values()), 1.0, rel_tol=1e-6)
+    ops = {op["op"] for op in prof["top_ops"]}
+    assert "aten::bmm" in ops  # eager attention: batched matrix products, not the fused kernel
+    assert not any("scaled_dot_product" in op for op in ops)
+    with pytest.raises(SystemExit):
+        profile_step.main(["--set", "no-equals-sign"])
