@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from common.config import parse_override
+
 FAMILIES = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_scaled_dot_product",
                "aten::scaled_dot_product", "mkldnn", "onednn"),
@@ -36,13 +38,6 @@ def family(name: str) -> str:
         if any(k.lower() in low for k in keys):
             return fam
     return "other"
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
 
 
 def profile_impl(impl: str, dtype: str, args) -> dict:
@@ -103,16 +98,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--top", type=int, default=15, help="operators listed per dtype")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], type=parse_override, metavar="KEY=VALUE",
                    help="a config override for the trainer, e.g. model.attn_implementation=eager (repeatable)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from bench.common import machine_info
+    from bench.run import _dtypes
 
     result = {"name": "profile_step", "machine": machine_info("cpu"), "settings": vars(args), "profiles": []}
-    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+    for dtype in _dtypes(args.dtypes):
         r = profile_impl(args.impl, dtype, args)
         result["profiles"].append(r)
         fams = ", ".join(f"{k} {v:.0%}" for k, v in sorted(r["families"].items(), key=lambda kv: -kv[1]))
