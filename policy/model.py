@@ -9,6 +9,7 @@ from torch import nn
 
 from common.backbone import PersonalizedBackbone
 from common.batching import pad
+from policy.decoding import decode, plain_decoding
 from user_models import prepend_prefix
 
 
@@ -59,7 +60,9 @@ class PersonalizedPolicy(nn.Module):
         """Batched generation with the KV cache; left-padded rows laid out [pads, prefix, prompt].
 
         Returns the new tokens of each row, cut after its first EOS. `reference=True` decodes pi_SFT (adapters off,
-        the reference prefix); `use_prefix=False` decodes without any prefix.
+        the reference prefix); `use_prefix=False` decodes without any prefix. `gen_kwargs` are `generate`'s; greedy
+        decoding and sampling from the full softmax(logits / T) run in `policy.decoding.decode` (finished rows
+        leave the batch), anything else (top-k, top-p, ...) in transformers' `generate`.
         """
         device = next(self.backbone.lm.parameters()).device
         input_ids = pad(prompts, pad_id, side="left").to(device)
@@ -83,6 +86,9 @@ class PersonalizedPolicy(nn.Module):
                 embeds, attn = inputs.inputs_embeds, inputs.attention_mask
             else:
                 embeds, attn = token_embeds, mask
+            how = plain_decoding(gen_kwargs, lm.generation_config.eos_token_id)
+            if how is not None:
+                return decode(lm, embeds, attn, how)
             out = lm.generate(inputs_embeds=embeds, attention_mask=attn, pad_token_id=pad_id, **gen_kwargs)
         eos = gen_kwargs.get("eos_token_id", lm.generation_config.eos_token_id)
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])

@@ -120,12 +120,12 @@ class Actor:
                  pad_id: int, eos_id: int, max_new_tokens: int, temperature: float, top_k: int,
                  top_p: float, min_new_tokens: int = 0) -> list[list[int]]:
         """Sampled responses (left-padded batch, KV cache), each cut after its first EOS. Every sampling option
-        is passed explicitly so that a model's own generation_config cannot change the distribution."""
+        is passed explicitly so that a model's own generation_config cannot change the distribution. Without top-k
+        or top-p, `policy.decoding.decode` samples (one random number per row and token; finished rows leave)."""
         return self.policy.generate(prompts, user_idx, texts, pad_id=pad_id, do_sample=True,
                                     max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                    temperature=temperature, top_k=top_k,
-                                    top_p=top_p, eos_token_id=eos_id, repetition_penalty=1.0,
-                                    no_repeat_ngram_size=0, use_cache=True)
+                                    temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_id,
+                                    repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True)
 
 
 class Critic:
