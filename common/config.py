@@ -39,10 +39,11 @@ class ModelConfig:
         "change), float32 for a full fine-tune (master weights; autocast computes in train.dtype)")
     finetune: Literal["lora", "full", "frozen"] = _f(
         "lora", "how the LLM is trained: LoRA adapters, full fine-tune, or frozen (only user model + head learn)")
-    attn_implementation: Literal["sdpa", "eager"] = _f(
-        "sdpa", "the LLM's attention kernel (transformers' attn_implementation). sdpa: PyTorch's fused kernel. eager: "
-        "plain matrix products and a softmax; on a CPU with AMX its bf16 backward is much faster than the fused "
-        "kernel's (bench/RESULTS.md), at O(length^2) memory per head")
+    attn_implementation: Literal["auto", "sdpa", "eager"] = _f(
+        "auto", "the LLM's attention kernel (transformers' attn_implementation). sdpa: PyTorch's fused kernel. eager: "
+        "plain matrix products and a softmax, at O(length^2) memory per head. auto: eager where train.dtype "
+        "resolves to bfloat16 on a CPU (the fused kernel's bf16 backward made a DPO step 1.6x slower on a Xeon "
+        "with AMX), sdpa elsewhere (in float32 eager was 1.16x slower there; bench/RESULTS.md)")
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA scaling numerator")
     lora_dropout: float = _f(0.0, "LoRA dropout in RM, SFT and DPO training (PPO keeps it off: its ratios "

@@ -117,13 +117,20 @@ def resolve_dtypes(cfg: Config) -> tuple[torch.dtype, torch.dtype]:
     return compute, precision.storage_dtype(cfg.model.dtype, cfg.model.finetune, compute)
 
 
+def resolve_attn_implementation(cfg: Config, compute: torch.dtype) -> str:
+    """`model.attn_implementation` for this config's device and compute dtype (see its doc in common/config.py)."""
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    return "eager" if compute == torch.bfloat16 and pick_device(cfg).type == "cpu" else "sdpa"
+
+
 def load_start_lm(cfg: Config):
     """(causal LM, tokenizer) a stage starts from: `model.name`, with the `model.sft_run` adapter merged in."""
     from common.precision import describe
 
-    _, storage = resolve_dtypes(cfg)
+    compute, storage = resolve_dtypes(cfg)
     lm, tokenizer = load_causal_lm(cfg.model.name, describe(storage), cfg.model.trust_remote_code,
-                                   cfg.model.revision, cfg.model.attn_implementation)
+                                   cfg.model.revision, resolve_attn_implementation(cfg, compute))
     if cfg.model.sft_run:
         lm = merge_sft_adapter(lm, Path(cfg.model.sft_run))
     return lm, tokenizer

@@ -41,9 +41,20 @@ def test_eager_attention_is_the_same_function_without_the_fused_kernel():
 
 
 def test_stage_config_selects_the_attention_kernel():
-    default = load_config(None, [])
-    assert default.model.attn_implementation == "sdpa"
+    default = load_config(None, ["train.dtype=float32"])
+    assert default.model.attn_implementation == "auto"
     lm, _ = load_start_lm(default)
     assert lm.config._attn_implementation == "sdpa"
     lm, _ = load_start_lm(load_config(None, ["model.attn_implementation=eager"]))
+    assert lm.config._attn_implementation == "eager"
+
+
+def test_auto_attention_is_eager_for_bf16_on_cpu_only():
+    from common.run import resolve_attn_implementation
+
+    cfg = load_config(None, [])
+    assert resolve_attn_implementation(cfg, torch.bfloat16) == "eager"
+    assert resolve_attn_implementation(cfg, torch.float32) == "sdpa"
+    assert resolve_attn_implementation(load_config(None, ["model.attn_implementation=sdpa"]), torch.bfloat16) == "sdpa"
+    lm, _ = load_start_lm(load_config(None, ["train.dtype=bfloat16"]))
     assert lm.config._attn_implementation == "eager"
