@@ -39,8 +39,9 @@ STAGES = [
     # (0.533 against 0.733 for the majority, margins 0.10-0.13: conflicting labels leave 0.4 of a clean signal)
     ("rm_vanilla", "train_rm", "configs/demo/rm.yaml", ["user_model.kind=uniform", "loss.alpha=1.0",
                                                         "train.max_steps=45"]),
+    # (its 30 steps see 240 records: the reference log-probs are computed for those only)
     ("dpo_vanilla", "train_pdpo", "configs/demo/pdpo.yaml", ["user_model.kind=uniform", "loss.alpha=1.0",
-                                                             "train.max_steps=30"]),
+                                                             "train.max_steps=30", "data.max_train_records=240"]),
 ]
 
 FAST = {  # --fast: the same pipeline, fewer steps and a smaller held-out set (weaker effect allowed). The reference
