@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from common.batching import EncodedPair, collate_pairs, unique_pairs
+from common.batching import EncodedPair, pair_sequence_batches, unique_pairs
 from policy.dpo_loss import dpo_margins
 
 
@@ -28,20 +28,17 @@ def pair_logps(policy, pairs: list[EncodedPair], pad_id: int, batch_size: int, d
 
 def _pair_logps(policy, pairs: list[EncodedPair], pad_id: int, batch_size: int, device, reference: bool = False,
                as_generic: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    chosen, rejected = [], []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+    n = len(pairs)
+    out = torch.zeros(2 * n)
+    for rows, batch in pair_sequence_batches(pairs, pad_id, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
         if as_generic:
             batch["user_idx"] = torch.zeros_like(batch["user_idx"])
         lp = policy.reference_logps(batch) if reference else policy.sequence_logps(batch)
-        chosen.append(lp[: len(chunk)].cpu())
-        rejected.append(lp[len(chunk):].cpu())
+        out[rows] = lp.float().cpu()
         if progress is not None:
-            progress.update(len(chunk))
-    if not chosen:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(chosen), torch.cat(rejected)
+            progress.update(len(rows) / 2)
+    return out[:n], out[n:]
 
 
 def implicit_reward_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> torch.Tensor:

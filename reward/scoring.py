@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from common.batching import EncodedPair, collate_pairs, unique_pairs
+from common.batching import EncodedPair, pair_sequence_batches, unique_pairs
 
 
 @torch.no_grad()
@@ -29,15 +29,11 @@ def reward_margins(rm, pairs: list[EncodedPair], pad_id: int, batch_size: int, d
 
 
 def _pair_rewards(rm, pairs, pad_id, batch_size, device, as_generic) -> tuple[torch.Tensor, torch.Tensor]:
-    chosen, rejected = [], []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+    n = len(pairs)
+    out = torch.zeros(2 * n)
+    for rows, batch in pair_sequence_batches(pairs, pad_id, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
         if as_generic:
             batch["user_idx"] = torch.zeros_like(batch["user_idx"])
-        r = rm(batch)
-        chosen.append(r[: len(chunk)].cpu())
-        rejected.append(r[len(chunk):].cpu())
-    if not chosen:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(chosen), torch.cat(rejected)
+        out[rows] = rm(batch).float().cpu()
+    return out[:n], out[n:]

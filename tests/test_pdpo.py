@@ -292,3 +292,28 @@ def test_cached_reference_logps_are_recomputed_for_another_reference(tmp_path):
         policy.backbone.lm.get_input_embeddings().weight.mul_(1.5)
     fresh = cached_reference_logps(policy, pairs, tok.pad_token_id, 2, "cpu", cache)
     assert fresh[0][2] != -123.0 and not torch.allclose(fresh[0], first[0])
+
+
+def test_pair_logps_scores_length_sorted_sequences_like_whole_pairs():
+    """Held-out scoring batches the 2N answers by length (a short answer is not padded to its pair's long one): the
+    log-probs are those of scoring each pair's two answers together, for every route and user choice."""
+    from policy.scoring import pair_logps
+
+    policy, tok = tiny_policy()
+    with torch.no_grad():
+        policy.backbone.user_model.implicit.offsets.weight[1:].normal_(0.0, 0.5)
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(5, 60, (n,), generator=g).tolist()
+
+    pairs = [EncodedPair(ids(3 + i % 4), ids(2 + 5 * (i % 3)), ids(12 - 3 * (i % 3)), i % 4) for i in range(7)]
+    for kw in (dict(), dict(reference=True), dict(as_generic=True)):
+        w, l = pair_logps(policy, pairs, tok.pad_token_id, 2, "cpu", **kw)
+        for i, p in enumerate(pairs):
+            batch = collate_pairs([p], tok.pad_token_id)
+            if kw.get("as_generic"):
+                batch["user_idx"] = torch.zeros_like(batch["user_idx"])
+            with torch.no_grad():
+                lp = policy.reference_logps(batch) if kw.get("reference") else policy.sequence_logps(batch)
+            assert torch.allclose(torch.stack([w[i], l[i]]), lp, atol=1e-5), (kw, i)

@@ -875,3 +875,11 @@ def test_rollout_scores_pay_the_missing_eos_and_repeated_ngram_penalties(tmp_pat
     clipped = plain.raw_scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip)
     assert torch.allclose(plain.scores, clipped - 0.5 * (~plain.ended).float())
     assert torch.allclose(penalised.scores, plain.scores - 3.0 * shares)
+
+
+def test_length_sorted_batches_group_rows_of_a_length():
+    from common.batching import length_sorted_batches
+
+    assert length_sorted_batches([5, 1, 9, 1, 3], 2) == [[1, 3], [4, 0], [2]]
+    assert sorted(i for b in length_sorted_batches([4, 2, 7, 7, 1, 3, 2], 3) for i in b) == list(range(7))
+    assert length_sorted_batches([], 4) == []

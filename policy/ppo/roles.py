@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from common.backbone import PersonalizedBackbone
-from common.batching import PairEncoder, collate_sequences
+from common.batching import PairEncoder, collate_sequences, length_sorted_batches
 from common.config import Config, ConfigError
 from common.trainer import user_model_groups
 from policy.model import PersonalizedPolicy, response_logps
@@ -231,15 +231,15 @@ class Reward:
             raise ValueError("prompts, response_ids and user_ids must have the same length")
         user_texts = user_texts if user_texts is not None else [None] * n
         pad_id = self.tokenizer.pad_token_id
-        out = []
-        for s in range(0, n, batch_size):
-            sl = range(s, min(s + batch_size, n))
+        out = torch.zeros(n)
+        lengths = [len(self._prompt(p)) + len(r) for p, r in zip(prompts, response_ids)]
+        for sl in length_sorted_batches(lengths, batch_size):
             batch = collate_sequences([self._prompt(prompts[i]) for i in sl], [list(response_ids[i]) for i in sl],
                                       [self.user_index(user_ids[i]) for i in sl],
                                       [self.encoder.text_ids(user_texts[i]) for i in sl], pad_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            out.append(self.model(batch).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+            out[sl] = self.model(batch).float().cpu()
+        return out
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], user_ids: list[str | None],

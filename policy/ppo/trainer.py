@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from common import checkpoint as ckpt
 from common import dist
-from common.batching import PairEncoder, collate_sequences
+from common.batching import PairEncoder, collate_sequences, length_sorted_batches
 from common.config import Config
 from common.tracking import Tracker
 from common.optim import clip_grad_norm
@@ -292,18 +292,17 @@ class PPOTrainer:
         ro = Rollout([i for i, _ in pairs], user_ids, prompt_ids, responses, text_ids, user_idx, texts, ended,
                      raw, scores, None, None, None, None, repeated=repeated)
         width = max(len(r) for r in responses)
-        logps, ref_logps, values, masks = [], [], [], []
-        for s in range(0, len(ro), p.minibatch_size):
-            idx = list(range(s, min(s + p.minibatch_size, len(ro))))
+        ro.logps, ro.ref_logps, ro.values, ro.mask = (torch.zeros(len(ro), width) for _ in range(4))
+        lengths = [len(q) + len(r) for q, r in zip(prompt_ids, responses)]
+        for idx in length_sorted_batches(lengths, p.minibatch_size):  # no gradient: rows of a length together
             batch = ro.batch(idx, self.pad_id, self.device)
             hidden, inputs = self.actor.hidden(batch)
             lp, mask, _ = self.actor.token_logps(hidden, inputs, width)
-            values.append(self.critic.values(batch, width, hidden, inputs).cpu() if self.uses_critic
-                          else torch.zeros(lp.shape))
-            logps.append(lp.float().cpu())
-            masks.append(mask.cpu())
-            ref_logps.append(self.reference.token_logps(batch, width).float().cpu())
-        ro.logps, ro.ref_logps, ro.values, ro.mask = (torch.cat(x) for x in (logps, ref_logps, values, masks))
+            if self.uses_critic:
+                ro.values[idx] = self.critic.values(batch, width, hidden, inputs).float().cpu()
+            ro.logps[idx] = lp.float().cpu()
+            ro.mask[idx] = mask.float().cpu()
+            ro.ref_logps[idx] = self.reference.token_logps(batch, width).float().cpu()
 
         # 5. KL-penalised rewards; RLOO: each sample against its siblings, nothing on top; GAE: whitened
         ro.rewards, ro.kl = per_token_kl_rewards(ro.logps, ro.ref_logps, ro.mask, self.kl_ctl.value, scores)
