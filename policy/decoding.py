@@ -51,8 +51,8 @@ def plain_decoding(gen_kwargs: dict, default_eos) -> Decoding | None:
     eos = gen_kwargs.get("eos_token_id", default_eos)
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     temperature = None
-    if gen_kwargs.get("do_sample"):
-        temperature = float(gen_kwargs.get("temperature") or 1.0)
+    if gen_kwargs.get("do_sample"):  # generate's default temperature is 1; 0 or less is refused by sample_tokens
+        temperature = 1.0 if gen_kwargs.get("temperature") is None else float(gen_kwargs["temperature"])
     return Decoding(int(gen_kwargs["max_new_tokens"]), tuple(int(e) for e in eos),
                     int(gen_kwargs.get("min_new_tokens") or 0), temperature)
 

@@ -35,6 +35,8 @@ def test_plain_decoding_reads_generate_kwargs():
     assert plain_decoding(dict(max_new_tokens=5, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
                                min_new_tokens=2, eos_token_id=[3, 4], repetition_penalty=1.0),
                           2) == Decoding(5, (3, 4), 2, 0.7)
+    assert plain_decoding(dict(max_new_tokens=5, do_sample=True), 2).temperature == 1.0
+    assert plain_decoding(dict(max_new_tokens=5, do_sample=True, temperature=0.0), 2).temperature == 0.0  # refused later
     for more in (dict(top_k=50), dict(top_p=0.9), dict(repetition_penalty=1.2), dict(num_beams=2),
                  dict(output_scores=True)):
         assert plain_decoding(dict(max_new_tokens=5, do_sample=True, **more), 2) is None

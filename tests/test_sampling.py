@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from policy.sampling import inverse_cdf_sample, sample_tokens
@@ -26,3 +27,8 @@ def test_samples_follow_softmax_over_temperature():
     # seeded: the same draws again, from the global generator too
     again = sample_tokens(logits.expand(40000, -1), temperature, generator=torch.Generator().manual_seed(0))
     assert torch.equal(token, again)
+
+
+def test_temperature_must_be_positive():
+    with pytest.raises(ValueError, match="temperature"):
+        sample_tokens(torch.zeros(2, 3), 0.0)
