@@ -129,10 +129,7 @@ def pair_sequence_batches(pairs: list[EncodedPair], pad_id: int, batch_size: int
     row N + i its rejected one, in batches of at most 2 * batch_size sequences of similar length
     (`length_sorted_batches`), so a pair's short answer is not padded to its long one (`collate_pairs` pads both
     to the longer: on the long-answer set, 30-word answers to 150-word ones)."""
-    prompts = [p.prompt_ids for p in pairs] * 2
-    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    users = [p.user_idx for p in pairs] * 2
-    texts = [p.text_ids for p in pairs] * 2
+    prompts, responses, users, texts = _pair_sequences(pairs)
     lengths = [len(q) + len(r) + len(t) for q, r, t in zip(prompts, responses, texts)]
     for rows in length_sorted_batches(lengths, 2 * batch_size):
         yield rows, collate_sequences([prompts[i] for i in rows], [responses[i] for i in rows],
@@ -141,11 +138,13 @@ def pair_sequence_batches(pairs: list[EncodedPair], pad_id: int, batch_size: int
 
 def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """2B rows: the B chosen sequences, then the B rejected ones, each with its pair's user."""
-    prompts = [p.prompt_ids for p in pairs] * 2
-    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    users = [p.user_idx for p in pairs] * 2
-    texts = [p.text_ids for p in pairs] * 2
-    return collate_sequences(prompts, responses, users, texts, pad_id)
+    return collate_sequences(*_pair_sequences(pairs), pad_id)
+
+
+def _pair_sequences(pairs: list[EncodedPair]) -> tuple[list, list, list, list]:
+    """(prompts, responses, users, texts) of the 2N sequences of N pairs: the chosen answers, then the rejected."""
+    return ([p.prompt_ids for p in pairs] * 2, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+            [p.user_idx for p in pairs] * 2, [p.text_ids for p in pairs] * 2)
 
 
 def with_users(batch: dict[str, torch.Tensor], user_idx: torch.Tensor) -> dict[str, torch.Tensor]:

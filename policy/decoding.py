@@ -66,8 +66,8 @@ def decode(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, how: D
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     out = lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=True,
              logits_to_keep=1)
-    cache_arg = _cache_kwarg(lm)
-    cache, logits = _cache(out), out.logits[:, -1]
+    cache_arg = cache_kwarg(lm)
+    cache, logits = returned_cache(out), out.logits[:, -1]
     next_pos = mask.sum(1)
     rows = torch.arange(inputs_embeds.shape[0], device=device)  # which input row each batch row is
     results: list[list[int]] = [[] for _ in range(inputs_embeds.shape[0])]
@@ -91,18 +91,20 @@ def decode(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, how: D
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         out = lm(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1),
                  use_cache=True, **{cache_arg: cache})
-        cache, logits = _cache(out), out.logits[:, -1]
+        cache, logits = returned_cache(out), out.logits[:, -1]
         next_pos = next_pos + 1
     return results
 
 
-def _cache_kwarg(lm) -> str:
+def cache_kwarg(lm) -> str:
     """transformers renamed the forward's `past_key_values` to `cache` (5.2x): the name this version's model takes
     (a PEFT model forwards its keyword arguments to the model it wraps)."""
     model = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def _cache(out):
+def returned_cache(out):
+    """The KV cache a forward with `use_cache=True` returned (`cache` since transformers 5.2x, else
+    `past_key_values`)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values

@@ -8,11 +8,11 @@ decoding carry their prefix in the KV cache, so a swap never changes a request i
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 
 import torch
 
+from policy.decoding import cache_kwarg, returned_cache
 from policy.loading import PolicyRun
 from preference_data.vocab import UserVocab
 from user_models import UserModel
@@ -60,9 +60,7 @@ class ServedPolicy:
         self.min_new_tokens = run.min_new_tokens
         self.max_positions = int(getattr(self.lm.config, "max_position_embeddings", 0) or 0) or None
         self.users = self.make_table(run.vocab, run.policy.user_model)
-        # transformers renamed `past_key_values` to `cache` (5.2x); take whichever this version's forward has
-        params = inspect.signature(type(self.lm).forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_kwarg(self.lm)
 
     def make_table(self, vocab: UserVocab, user_model: UserModel) -> UserTable:
         if not self.run.uses_prefix:
@@ -92,8 +90,7 @@ class ServedPolicy:
         """(logits of each row's last position [B, V], the KV cache) of one forward with the cache."""
         with self.autocast():
             out = self.lm(**inputs, **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1)
-        new_cache = getattr(out, "cache", None)
-        return out.logits[:, -1], new_cache if new_cache is not None else out.past_key_values
+        return out.logits[:, -1], returned_cache(out)
 
     @torch.no_grad()
     def prefill_inputs(self, prompts: list[list[int]], users: UserTable, user_idx: list[int],
