@@ -177,10 +177,12 @@ class PPOConfig:
         0.3, "with ppo.init_user_model=rm: factor on the copied per-user parameters. The RM's embeddings are tuned "
         "for the RM's LoRA; at full size they derail the actor's generation (sequence KL ~30 at the first rollout "
         "in the demo), scaled down they keep their directions")
-    user_sampling: Literal["random", "cycle"] = _f(
-        "random", "how the seen users of a rollout batch are drawn: random (uniform, independently) or cycle (walk "
+    user_sampling: Literal["random", "cycle", "group_balanced"] = _f(
+        "random", "how the seen users of a rollout batch are drawn: random (uniform, independently), cycle (walk "
         "through a fresh random order of all seen users, batch after batch, so that every user gets the same number "
-        "of samples within one pass; a small group is never left out of a batch by chance)")
+        "of samples within one pass; a small group is never left out of a batch by chance) or group_balanced (the "
+        "user groups of the training data's `group` field take turns, each cycling through its own users: every "
+        "group gets the same share of the samples however few users it has; users without a group form one group)")
     max_new_tokens: int = _f(48, "generation length limit")
     min_new_tokens: int = _f(1, "EOS is ruled out until a response has this many tokens (as OpenRLHF's generate), in "
                              "sampling, in the actor's and reference's log-probs (so ratios and KL are those of the "

@@ -703,6 +703,33 @@ def test_cycled_user_sampling_visits_every_user_equally():
     assert PPOTrainer.sample_pairs(fake, 3) == PPOTrainer.sample_pairs(fake, 3)
 
 
+def test_group_balanced_user_sampling_gives_each_group_the_same_share():
+    """`ppo.user_sampling=group_balanced`: 3 minority users among 10 get half of the samples (cycle would give them
+    3 in 10), each group's users equally often, a pure function of (seed, iteration)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from policy.ppo.trainer import PPOTrainer
+
+    cfg = load_config(None, ["ppo.rollout_batch_size=12", "ppo.samples_per_prompt=2", "ppo.minibatch_size=4",
+                             "ppo.generic_user_share=0.0", "ppo.user_sampling=group_balanced"])
+    users = [f"u{i}" for i in range(10)]
+    groups = {u: ("minority" if i < 3 else "majority") for i, u in enumerate(users)}
+    fake = SimpleNamespace(ppo=cfg.ppo, cfg=cfg, prompts=[f"p{i}" for i in range(20)], users=users,
+                           user_groups=groups)
+    fake._seed = lambda it, stream: PPOTrainer._seed(fake, it, stream)
+    fake.cycled_users = lambda *a, **k: PPOTrainer.cycled_users(fake, *a, **k)
+    fake._user_group_members = lambda: PPOTrainer._user_group_members(fake)
+    fake.group_balanced_users = lambda start, n: PPOTrainer.group_balanced_users(fake, start, n)
+    drawn = [u for it in range(7) for (_, u) in PPOTrainer.sample_pairs(fake, it)[::2]]  # 42 groups
+    count = Counter(drawn)
+    assert sum(count[u] for u in users[:3]) == 21 == sum(count[u] for u in users[3:])
+    assert {count[u] for u in users[:3]} == {7} and {count[u] for u in users[3:]} == {3}
+    assert PPOTrainer.sample_pairs(fake, 3) == PPOTrainer.sample_pairs(fake, 3)
+    cfg.ppo.user_sampling = "cycle"  # the cycle walk is unchanged by the group walk beside it
+    assert Counter(u for it in range(5) for (_, u) in PPOTrainer.sample_pairs(fake, it)[::2]) == {u: 3 for u in users}
+
+
 def test_init_user_model_from_rm_copies_the_rms_users(tmp_path, rm_run, ppo_data):
     """`ppo.init_user_model=rm`: the actor's per-user rows start as the RM's times the scale (row for row: same
     vocabulary), e_0 keeps the actor's own init; a user model of another shape is refused naming the key."""

@@ -128,7 +128,10 @@ class PPOTrainer:
         self.prompts = list(prompts)
         self.users = vocab.ids  # seen users, drawn uniformly
         self.user_texts = dict(user_texts or {})
-        self.user_groups = dict(user_groups or {})  # source user id -> group (reporting only)
+        self.user_groups = dict(user_groups or {})  # source user id -> group (reports; group_balanced sampling)
+        if self.ppo.user_sampling == "group_balanced" and len(self._user_group_members()) < 2:
+            log.warning("ppo.user_sampling=group_balanced: the training data names fewer than two user groups "
+                        "(its `group` field), so every user is drawn as with cycle")
         self.tracker = tracker
         self.encoder = PairEncoder.from_config(tokenizer, cfg)
         self.prompt_ids = [self.encoder.prompt_ids(p, f"prompt {i + 1}") for i, p in enumerate(self.prompts)]
@@ -196,10 +199,11 @@ class PPOTrainer:
         n_generic = B if not self.users else int(round(self.ppo.generic_user_share * B))
         generic = set(torch.randperm(B, generator=g)[:n_generic].tolist())
         prompt_idx = torch.randint(len(self.prompts), (B,), generator=g).tolist()
-        if self.ppo.user_sampling == "cycle" and self.users:
+        if self.ppo.user_sampling in ("cycle", "group_balanced") and self.users:
             user_idx = [0] * B
             personal = [i for i in range(B) if i not in generic]
-            for i, u in zip(personal, self.cycled_users(iteration * len(personal), len(personal))):
+            walk = self.cycled_users if self.ppo.user_sampling == "cycle" else self.group_balanced_users
+            for i, u in zip(personal, walk(iteration * len(personal), len(personal))):
                 user_idx[i] = u
         else:
             user_idx = torch.randint(max(len(self.users), 1), (B,), generator=g).tolist()
@@ -207,19 +211,40 @@ class PPOTrainer:
         return dist.shard([pair for pair in pairs for _ in range(k)], dist.rank() if rank is None else rank,
                           dist.world_size() if world_size is None else world_size, group=k, what="rollout samples")
 
-    def cycled_users(self, start: int, n: int) -> list[int]:
-        """Positions start .. start+n-1 of an endless walk through the seen users, each pass in its own random
-        order (seeded by the pass): every user appears once per pass, and the walk is a pure function of the seed."""
-        n_users = len(self.users)
+    def cycled_users(self, start: int, n: int, members: list[int] | None = None, stream: int = 0) -> list[int]:
+        """Positions start .. start+n-1 of an endless walk through `members` (default: every seen user, as indices
+        into `self.users`), each pass in its own random order (seeded by the pass and `stream`): every member
+        appears once per pass, and the walk is a pure function of the seed."""
+        members = list(range(len(self.users))) if members is None else members
         orders: dict[int, list[int]] = {}  # one permutation per pass touched, not one per position
         out = []
         for pos in range(start, start + n):
-            p, r = divmod(pos, n_users)
+            p, r = divmod(pos, len(members))
             if p not in orders:
-                g = torch.Generator().manual_seed(self._seed(p, _STREAM_USER_CYCLE))
-                orders[p] = torch.randperm(n_users, generator=g).tolist()
+                g = torch.Generator().manual_seed((self._seed(p, _STREAM_USER_CYCLE) + stream * 2 ** 40) % 2 ** 62)
+                orders[p] = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
             out.append(orders[p][r])
         return out
+
+    def group_balanced_users(self, start: int, n: int) -> list[int]:
+        """Positions start .. start+n-1 of a walk that gives every user group the same share of the samples
+        (the groups take turns, in sorted order), each group walking through its own users as `cycled_users`
+        does. With 7 majority and 3 minority users, `cycle` gives the minority 3 samples in 10 and the shared
+        LoRA learns mostly the majority's taste; here each group gets 5 (group-robust sampling, as in GRPO's
+        group weights). Users without a group form one group of their own."""
+        groups = self._user_group_members()
+        names = sorted(groups)
+        out = []
+        for pos in range(start, start + n):
+            turn, g = divmod(pos, len(names))
+            out.append(self.cycled_users(turn, 1, groups[names[g]], stream=g + 1)[0])
+        return out
+
+    def _user_group_members(self) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, u in enumerate(self.users):
+            groups[self.user_groups.get(u) or ""].append(i)
+        return dict(groups)
 
     # ------------------------------------------------------------------------------------------ 3. scores
     def shape_all_ranks(self, raw: torch.Tensor, users: list[str | None], iteration: int) -> torch.Tensor:
