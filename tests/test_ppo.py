@@ -726,6 +726,8 @@ def test_group_balanced_user_sampling_gives_each_group_the_same_share():
     assert sum(count[u] for u in users[:3]) == 21 == sum(count[u] for u in users[3:])
     assert {count[u] for u in users[:3]} == {7} and {count[u] for u in users[3:]} == {3}
     assert PPOTrainer.sample_pairs(fake, 3) == PPOTrainer.sample_pairs(fake, 3)
+    fake.user_groups = {}  # no groups in the data: one group, every user equally often (as cycle)
+    assert Counter(u for it in range(5) for (_, u) in PPOTrainer.sample_pairs(fake, it)[::2]) == {u: 3 for u in users}
     cfg.ppo.user_sampling = "cycle"  # the cycle walk is unchanged by the group walk beside it
     assert Counter(u for it in range(5) for (_, u) in PPOTrainer.sample_pairs(fake, it)[::2]) == {u: 3 for u in users}
 

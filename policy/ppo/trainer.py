@@ -3,8 +3,9 @@
 One iteration (`train.max_steps` of them):
 
 1. sample `ppo.rollout_batch_size` (prompt, user) pairs: prompts uniformly from the distinct training prompts,
-   users uniformly from the RM's seen users (or, with `ppo.user_sampling=cycle`, in turn), and a
-   `ppo.generic_user_share` of the batch as the generic user 0;
+   users uniformly from the RM's seen users (or, with `ppo.user_sampling=cycle`, in turn; with `group_balanced`,
+   the data's user groups in turn, each group's users in turn), and a `ppo.generic_user_share` of the batch as the
+   generic user 0;
    a pure function of (seed, iteration), so a resumed run draws exactly what an uninterrupted one would;
 2. generate one response per pair with the actor (user prefix, left-padded batch, KV cache, sampling config);
 3. score each response with the frozen RM *for the user it was generated for*; standardise per user (running
@@ -230,8 +231,8 @@ class PPOTrainer:
         """Positions start .. start+n-1 of a walk that gives every user group the same share of the samples
         (the groups take turns, in sorted order), each group walking through its own users as `cycled_users`
         does. With 7 majority and 3 minority users, `cycle` gives the minority 3 samples in 10 and the shared
-        LoRA learns mostly the majority's taste; here each group gets 5 (group-robust sampling, as in GRPO's
-        group weights). Users without a group form one group of their own."""
+        LoRA learns mostly the majority's taste; here each group gets 5 (group-robust sampling in the spirit of
+        Group Robust Preference Optimization, Ramesh et al. 2024). Users without a group form one group of their own."""
         groups = self._user_group_members()
         names = sorted(groups)
         out = []
