@@ -10,15 +10,16 @@ import sys
 
 
 def main(winrate_json: str, history_json: str | None = None) -> None:
-    groups = json.load(open(winrate_json))["per_group"]
+    result = json.load(open(winrate_json))
+    groups = result["per_group"]
     run = {g: v["mean_words"]["run"] for g, v in groups.items()}
     base = {g: v["mean_words"]["baseline"] for g, v in groups.items()}
     ratio = run["minority"] / run["majority"] if run.get("majority") and "minority" in run else None
     print("greedy words run", {g: round(v, 1) for g, v in run.items()}, "sft", {g: round(v, 1) for g, v in base.items()},
           "ratio", None if ratio is None else round(ratio, 3))
     print("win", {g: round(v["win_rate"], 3) for g, v in groups.items()})
-    users = json.load(open(winrate_json))["per_user"]
-    distinct = {u: v["mean_distinct_token_share"]["run"] for u, v in users.items() if "mean_distinct_token_share" in v}
+    distinct = {u: v["mean_distinct_token_share"]["run"] for u, v in result["per_user"].items()
+                if "mean_distinct_token_share" in v}
     if distinct:
         low = min(distinct, key=distinct.get)
         print("distinct-token share: lowest", low, round(distinct[low], 3), "users below 0.6",
