@@ -216,6 +216,13 @@ class PPOConfig:
         "3-grams repeated in the demo's data) does not. For an RM that pays every real-looking token, so that a "
         "policy lengthens its answers by going round in circles; 0: off")
     repeated_ngram_size: int = _f(3, "n of ppo.repeated_ngram_penalty's n-grams (tokens)")
+    reward_reference: Literal["none", "sft_greedy"] = _f(
+        "none", "none: a sample's score is the RM's r(x, y, u); sft_greedy: the RM's Bradley-Terry probability that "
+        "the user prefers the sample to pi_SFT's greedy answer to the same prompt, sigmoid(r(x, y, u) - r(x, y_SFT, "
+        "u)) (preference as reward, Fu et al. 2025): bounded, so an answer already clearly preferred to pi_SFT's "
+        "gains little by growing further, where a summed grade pays for every added sentence. y_SFT is decoded once "
+        "per prompt (adapters off, the reference prefix, ppo.max_new_tokens) and scored once per (prompt, user); "
+        "scores then lie in (0, 1), which sets the scale of ppo.kl_coef and the penalties")
     critic: Literal["shared", "separate"] = _f("shared", "value head on the actor backbone, or a separate LoRA critic")
     reward_clip: float = _f(10.0, "clip RM scores to [-c, c]")
     normalize_reward: bool = _f(False, "standardise RM scores before the advantage (how: ppo.reward_baseline). Off "

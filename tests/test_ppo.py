@@ -912,3 +912,61 @@ def test_length_sorted_batches_group_rows_of_a_length():
     assert length_sorted_batches([5, 1, 9, 1, 3], 2) == [[1, 3], [4, 0], [2]]
     assert sorted(i for b in length_sorted_batches([4, 2, 7, 7, 1, 3, 2], 3) for i in b) == list(range(7))
     assert length_sorted_batches([], 4) == []
+
+
+def test_preference_reward_hand_computed():
+    from policy.ppo.core import preference_reward
+
+    got = preference_reward(torch.tensor([2.0, -1.0, 0.5, 30.0]), torch.tensor([1.0, 1.0, 0.5, 0.0]))
+    expected = torch.tensor([1 / (1 + math.exp(-1.0)), 1 / (1 + math.exp(2.0)), 0.5, 1.0])
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_reward_reference_scores_each_sample_against_pi_sfts_greedy_answer(tmp_path, rm_run, ppo_data):
+    """ppo.reward_reference=sft_greedy: score = sigmoid(r(x, y, u) - r(x, y_SFT, u)), y_SFT the reference policy's
+    greedy answer to x, decoded once per prompt and scored once per (prompt, user); the sampled responses and the
+    logged raw RM scores are those of the plain run; a resumed trainer gets the same references back."""
+    from policy.ppo.trainer import PPOTrainer
+
+    over = {"ppo.rollout_batch_size": 16, "ppo.minibatch_size": 4, "ppo.advantage_estimator": "rloo",
+            "ppo.samples_per_prompt": 4, "ppo.max_new_tokens": 8, "train.max_steps": 3}
+    plain = make_trainer(load_config(None, ppo_overrides(tmp_path / "a", ppo_data[0], rm_run, **over)),
+                         rm_run, tmp_path / "a").rollout(0)
+    cfg = load_config(None, ppo_overrides(tmp_path / "b", ppo_data[0], rm_run, **over,
+                                          **{"ppo.reward_reference": "sft_greedy"}))
+    trainer = make_trainer(cfg, rm_run, tmp_path / "b")
+    calls = []
+    generate = trainer.actor.policy.generate
+
+    def spy(prompts, *args, **kwargs):
+        if kwargs.get("reference"):
+            calls.append([tuple(p) for p in prompts])
+        return generate(prompts, *args, **kwargs)
+
+    trainer.actor.policy.generate = spy
+    ro = trainer.rollout(0)
+    assert ro.response_ids == plain.response_ids and torch.equal(ro.raw_scores, plain.raw_scores)
+    drawn = sorted(set(ro.prompt_index))
+    assert len(calls) == 1 and calls[0] == [tuple(trainer.prompt_ids[i]) for i in drawn]
+    greedy = generate([trainer.prompt_ids[i] for i in drawn], torch.zeros(len(drawn), dtype=torch.long), None,
+                      pad_id=trainer.pad_id, reference=True, do_sample=False, max_new_tokens=8,
+                      eos_token_id=trainer.eos_id)
+    assert [trainer.reference_answers[i] for i in drawn] == greedy
+    for i, u, ref in zip(ro.prompt_index, ro.user_ids, ro.reference_scores.tolist()):
+        ids = trainer.reference_answers[i]
+        alone = trainer.reward.score_ids([trainer.prompts[i]], [ids], [u])
+        assert abs(float(alone) - ref) < 1e-4
+    expected = torch.sigmoid(ro.raw_scores - ro.reference_scores)
+    assert torch.allclose(ro.scores, expected, atol=1e-6)
+    assert float(ro.scores.min()) > 0 and float(ro.scores.max()) < 1
+    # prompts already drawn are not decoded again
+    known = set(trainer.reference_answers)
+    trainer.rollout(1)
+    assert all(p not in [tuple(trainer.prompt_ids[i]) for i in known] for call in calls[1:] for p in call)
+
+    trainer.history.append({"iteration": 1})
+    trainer.save(1)
+    resumed = make_trainer(cfg, rm_run, tmp_path / "b")
+    assert resumed.maybe_resume() == 1
+    assert resumed.reference_answers == trainer.reference_answers
+    assert resumed.reference_rm_scores == trainer.reference_rm_scores

@@ -231,6 +231,16 @@ def leave_one_out_centre(raw: torch.Tensor, groups: list[int]) -> torch.Tensor:
     return out
 
 
+def preference_reward(score: torch.Tensor, reference_score: torch.Tensor) -> torch.Tensor:
+    """sigmoid(r(x, y, u) - r(x, y_ref, u)): the Bradley-Terry probability, under the RM, that user u prefers the
+    sample y to a reference answer y_ref to the same prompt (preference as reward, Fu et al. 2025).
+
+    Bounded in (0, 1) and centred on the reference: it rises fastest where the sample and the reference are close
+    and flattens once the sample is clearly preferred, so a grade that keeps rising with every added sentence (a
+    length-loving RM's) stops paying for padding, and no user's reward scale outweighs another's."""
+    return torch.sigmoid(score.float() - reference_score.float())
+
+
 def rloo_advantages(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
                     groups: list[int]) -> torch.Tensor:
     """Critic-free advantages [B, T] (RLOO, Ahmadian et al. 2024): each sample's sequence reward

@@ -8,7 +8,8 @@ One iteration (`train.max_steps` of them):
    generic user 0;
    a pure function of (seed, iteration), so a resumed run draws exactly what an uninterrupted one would;
 2. generate one response per pair with the actor (user prefix, left-padded batch, KV cache, sampling config);
-3. score each response with the frozen RM *for the user it was generated for*; standardise per user (running
+3. score each response with the frozen RM *for the user it was generated for* (with `ppo.reward_reference`, as
+   the RM's probability that the user prefers it to pi_SFT's greedy answer); standardise per user (running
    mean of that user's scores; `ppo.reward_baseline`), clip, subtract `ppo.missing_eos_penalty` where the
    response has no EOS and `ppo.repeated_ngram_penalty` times the share of its n-grams that it repeats;
 4. reference log-probs (adapters off, no prefix), old log-probs and values (one forward when the critic shares
@@ -55,6 +56,7 @@ from policy.ppo.core import (
     compute_gae,
     PerUserRewardNormalizer,
     leave_one_out_centre,
+    preference_reward,
     make_kl_controller,
     masked_mean,
     per_token_kl_rewards,
@@ -97,6 +99,7 @@ class Rollout:
     returns: torch.Tensor = None
     timing: dict = field(default_factory=dict)
     repeated: torch.Tensor = None  # [B] share of each response's n-grams that repeat an earlier one
+    reference_scores: torch.Tensor = None  # [B] r(x, y_SFT, u) of pi_SFT's greedy answer (ppo.reward_reference)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -139,6 +142,10 @@ class PPOTrainer:
         self.kl_ctl = make_kl_controller(self.ppo)
         self.reward_stats: dict | None = None  # global baseline: mean/std of the first rollout's raw scores
         self.user_reward_norm = PerUserRewardNormalizer()
+        # ppo.reward_reference: pi_SFT's greedy answer per prompt index, and its RM score per (prompt, user key);
+        # checkpointed, so that a resumed run scores against exactly the same references
+        self.reference_answers: dict[int, list[int]] = {}
+        self.reference_rm_scores: dict[tuple[int, str], float] = {}
         self.history: list[dict] = []
         dist.setup(cfg)
         self.minibatch = self._rank_minibatch()
@@ -277,6 +284,32 @@ class PPOTrainer:
             s = s.clamp(-self.ppo.reward_clip, self.ppo.reward_clip)
         return s
 
+    @torch.no_grad()
+    def reference_scores(self, pairs: list[tuple[int, str | None]]) -> torch.Tensor:
+        """r(x, y_SFT(x), u) [N] for each (prompt index, user) pair: y_SFT is pi_SFT's greedy answer to the prompt
+        (adapters off, the reference prefix: the actor before its first update), decoded the first time the prompt
+        is drawn; each (prompt, user) is scored once. Both are kept for the rest of the run."""
+        p = self.ppo
+        new = sorted({i for i, _ in pairs} - self.reference_answers.keys())
+        if new:
+            with self.gathered_parameters(self.actor.backbone):
+                answers = self.actor.policy.generate(
+                    [self.prompt_ids[i] for i in new], torch.zeros(len(new), dtype=torch.long), None,
+                    pad_id=self.pad_id, reference=True, do_sample=False, max_new_tokens=p.max_new_tokens,
+                    min_new_tokens=p.min_new_tokens, eos_token_id=self.eos_id)
+            self.reference_answers.update(zip(new, answers))
+        todo = [(i, u) for i, u in dict.fromkeys(pairs) if (i, user_key(u)) not in self.reference_rm_scores]
+        if todo:
+            answers = [self.reference_answers[i] for i, _ in todo]
+            raw = self.reward.score_rollout(
+                [self.prompts[i] for i, _ in todo], answers,
+                [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers],
+                [len(a) > 0 and a[-1] == self.eos_id for a in answers], [u for _, u in todo], self.tokenizer,
+                [self.user_texts.get(u) for _, u in todo] if self.user_texts else None,
+                batch_size=p.minibatch_size)
+            self.reference_rm_scores.update({(i, user_key(u)): float(r) for (i, u), r in zip(todo, raw)})
+        return torch.tensor([self.reference_rm_scores[(i, user_key(u))] for i, u in pairs])
+
     def penalties(self, ended: torch.Tensor, repeated: torch.Tensor) -> torch.Tensor:
         """What each sample pays on its own, after shaping: `ppo.missing_eos_penalty` where it has no EOS,
         `ppo.repeated_ngram_penalty` times the share of its n-grams that it repeats."""
@@ -312,11 +345,15 @@ class PPOTrainer:
                                         [self.user_texts.get(u) for u in user_ids] if self.user_texts else None,
                                         batch_size=p.minibatch_size)
         repeated = torch.tensor([repeated_ngram_share(r, p.repeated_ngram_size, self.eos_id) for r in responses])
-        scores = self.shape_all_ranks(raw, user_ids, iteration) - self.penalties(ended, repeated)
+        ref_scores, graded = None, raw
+        if p.reward_reference == "sft_greedy":
+            ref_scores = self.reference_scores(pairs)
+            graded = preference_reward(raw, ref_scores)
+        scores = self.shape_all_ranks(graded, user_ids, iteration) - self.penalties(ended, repeated)
 
         # 4. old log-probs, values, reference log-probs
         ro = Rollout([i for i, _ in pairs], user_ids, prompt_ids, responses, text_ids, user_idx, texts, ended,
-                     raw, scores, None, None, None, None, repeated=repeated)
+                     raw, scores, None, None, None, None, repeated=repeated, reference_scores=ref_scores)
         width = max(len(r) for r in responses)
         ro.logps, ro.ref_logps, ro.values, ro.mask = (torch.zeros(len(ro), width) for _ in range(4))
         lengths = [len(q) + len(r) for q, r in zip(prompt_ids, responses)]
@@ -436,6 +473,9 @@ class PPOTrainer:
         kl_g = {g: float(seq_kl[ix].mean()) for g, ix in sorted(by_group.items())}
         repeated_g = ({g: float(ro.repeated[ix].mean()) for g, ix in sorted(by_group.items())}
                       if ro.repeated is not None else {})
+        # the RM's probability that the sample beats pi_SFT's answer, whatever the score is made of
+        win_g = ({g: float(preference_reward(ro.raw_scores[ix], ro.reference_scores[ix]).mean())
+                  for g, ix in sorted(by_group.items())} if ro.reference_scores is not None else {})
         t = ro.timing
         metrics = {
             "reward/mean": float(ro.raw_scores.mean()), "score/mean": float(ro.scores.mean()),
@@ -445,6 +485,7 @@ class PPOTrainer:
             **{f"kl/seq/group/{g}": v for g, v in kl_g.items()},
             **{f"kl/seq/user/{u}": v for u, v in kl_u.items()},
             **{f"rollout/repeated_ngram_share/group/{g}": v for g, v in repeated_g.items()},
+            **{f"reward/p_beats_sft/group/{g}": v for g, v in win_g.items()},
             "kl/seq": float(seq_kl.mean()), "kl/token": float(masked_mean(ro.kl, ro.mask)), "kl/coef": kl_coef,
             "value/mean": float(masked_mean(ro.values, ro.mask)),
             "returns/mean": float(masked_mean(ro.returns, ro.mask)),
@@ -457,7 +498,7 @@ class PPOTrainer:
         }
         entry = {"reward": reward_u, "response_words": words_u, "reward_group": reward_g,
                  "response_words_group": words_g, "kl_group": kl_g, "kl_user": kl_u,
-                 "repeated_ngram_share_group": repeated_g,
+                 "repeated_ngram_share_group": repeated_g, **({"p_beats_sft_group": win_g} if win_g else {}),
                  "n": {u: len(ix) for u, ix in sorted(by_user.items())},
                  "reward_mean": metrics["reward/mean"], "kl": metrics["kl/seq"], "kl_coef": kl_coef,
                  "loss": update.get("loss/total"), "value_loss": update.get("loss/value"),
@@ -478,6 +519,8 @@ class PPOTrainer:
     def save(self, done: int) -> Path:
         extra = {"iteration": done, "kl_controller": self.kl_ctl.state_dict(), "reward_stats": self.reward_stats,
                  "user_reward_norm": self.user_reward_norm.state_dict(),
+                 "reference_answers": {str(i): a for i, a in self.reference_answers.items()},
+                 "reference_rm_scores": [[i, u, v] for (i, u), v in self.reference_rm_scores.items()],
                  "history": self.history, "settings": self.settings}
         return ckpt.save_checkpoint(self.ckpt_root, done, self.modules, self.optimizer, extra=extra,
                                     keep_last=self.cfg.train.keep_last, engine=self.engine)
@@ -491,6 +534,8 @@ class PPOTrainer:
         self.reward_stats = state.get("reward_stats")
         if state.get("user_reward_norm"):
             self.user_reward_norm.load_state_dict(state["user_reward_norm"])
+        self.reference_answers = {int(i): a for i, a in (state.get("reference_answers") or {}).items()}
+        self.reference_rm_scores = {(int(i), u): v for i, u, v in state.get("reference_rm_scores") or []}
         self.history = state.get("history", [])
         log.info("resumed PPO from %s (iteration %d)", latest, state["iteration"])
         return int(state["iteration"])
