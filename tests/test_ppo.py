@@ -926,8 +926,6 @@ def test_reward_reference_scores_each_sample_against_pi_sfts_greedy_answer(tmp_p
     """ppo.reward_reference=sft_greedy: score = sigmoid(r(x, y, u) - r(x, y_SFT, u)), y_SFT the reference policy's
     greedy answer to x, decoded once per prompt and scored once per (prompt, user); the sampled responses and the
     logged raw RM scores are those of the plain run; a resumed trainer gets the same references back."""
-    from policy.ppo.trainer import PPOTrainer
-
     over = {"ppo.rollout_batch_size": 16, "ppo.minibatch_size": 4, "ppo.advantage_estimator": "rloo",
             "ppo.samples_per_prompt": 4, "ppo.max_new_tokens": 8, "train.max_steps": 3}
     plain = make_trainer(load_config(None, ppo_overrides(tmp_path / "a", ppo_data[0], rm_run, **over)),

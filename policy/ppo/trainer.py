@@ -192,6 +192,10 @@ class PPOTrainer:
             return deepspeed.zero.GatheredParameters(list((module or self.modules).parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 
+    def _ended(self, ids: list[int]) -> bool:
+        """Whether a decoded answer finished with EOS (not cut by max_new_tokens)."""
+        return len(ids) > 0 and ids[-1] == self.eos_id
+
     def _text_ids(self, user_id: str | None) -> list[int]:
         return self.encoder.text_ids(self.user_texts.get(user_id)) if user_id is not None else []
 
@@ -291,20 +295,21 @@ class PPOTrainer:
         is drawn; each (prompt, user) is scored once. Both are kept for the rest of the run."""
         p = self.ppo
         new = sorted({i for i, _ in pairs} - self.reference_answers.keys())
-        if new:
-            with self.gathered_parameters(self.actor.backbone):
+        # entered on every rank, new prompts or not: under ZeRO-3 the gather is a collective
+        with self.gathered_parameters(self.actor.backbone):
+            if new:
                 answers = self.actor.policy.generate(
                     [self.prompt_ids[i] for i in new], torch.zeros(len(new), dtype=torch.long), None,
                     pad_id=self.pad_id, reference=True, do_sample=False, max_new_tokens=p.max_new_tokens,
                     min_new_tokens=p.min_new_tokens, eos_token_id=self.eos_id)
-            self.reference_answers.update(zip(new, answers))
+                self.reference_answers.update(zip(new, answers))
         todo = [(i, u) for i, u in dict.fromkeys(pairs) if (i, user_key(u)) not in self.reference_rm_scores]
         if todo:
             answers = [self.reference_answers[i] for i, _ in todo]
             raw = self.reward.score_rollout(
                 [self.prompts[i] for i, _ in todo], answers,
                 [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers],
-                [len(a) > 0 and a[-1] == self.eos_id for a in answers], [u for _, u in todo], self.tokenizer,
+                [self._ended(a) for a in answers], [u for _, u in todo], self.tokenizer,
                 [self.user_texts.get(u) for _, u in todo] if self.user_texts else None,
                 batch_size=p.minibatch_size)
             self.reference_rm_scores.update({(i, user_key(u)): float(r) for (i, u), r in zip(todo, raw)})
@@ -336,7 +341,7 @@ class PPOTrainer:
             responses = self.actor.generate(prompt_ids, torch.tensor(user_idx), text_ids, self.pad_id, self.eos_id,
                                             p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.min_new_tokens)
         t_gen = time.time() - t0
-        ended = torch.tensor([len(r) > 0 and r[-1] == self.eos_id for r in responses])
+        ended = torch.tensor([self._ended(r) for r in responses])
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
 
         # 3. the RM scores each response for the user it was generated for, on the actor's own tokens
