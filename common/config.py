@@ -216,6 +216,20 @@ class PPOConfig:
         "3-grams repeated in the demo's data) does not. For an RM that pays every real-looking token, so that a "
         "policy lengthens its answers by going round in circles; 0: off")
     repeated_ngram_size: int = _f(3, "n of ppo.repeated_ngram_penalty's n-grams (tokens)")
+    greedy_in_group: bool = _f(
+        False, "the first sample of each (prompt, user) group is the actor's greedy answer, the others sampled "
+        "(ReMax, Li et al. 2024, decodes a greedy answer as its baseline; here it is also scored and trained on, "
+        "its advantage against its sampled siblings): people are shown greedy answers, and a loop that only greedy "
+        "decoding falls into is then scored and paid for (ppo.repeated_ngram_penalty). Needs ppo.samples_per_prompt "
+        ">= 3 with rloo, so that the greedy answer has sampled siblings to be judged against")
+    overlong_buffer: int = _f(
+        0, "soft overlong punishment (DAPO, Yu et al. 2025): a response longer than ppo.max_new_tokens - "
+        "overlong_buffer tokens pays ppo.overlong_penalty times the share of the buffer it uses, a linear ramp up "
+        "to ppo.max_new_tokens. Set the ramp's start past the training data's longest answer: a reward model "
+        "extrapolates there (a grade that rises with length keeps rising), and the ramp brakes only that tail, "
+        "whichever the user; 0: off")
+    overlong_penalty: float = _f(1.0, "what the soft overlong ramp (ppo.overlong_buffer) costs at ppo.max_new_tokens, "
+                                 "in reward units (on top of ppo.missing_eos_penalty for an answer without EOS)")
     reward_reference: Literal["none", "sft_greedy"] = _f(
         "none", "none: a sample's score is the RM's r(x, y, u); sft_greedy: the RM's Bradley-Terry probability that "
         "the user prefers the sample to pi_SFT's greedy answer to the same prompt, sigmoid(r(x, y, u) - r(x, y_SFT, "
@@ -514,6 +528,12 @@ def validate(cfg: Config) -> None:
     need(ppo.reward_clip > 0, "ppo.reward_clip", "must be > 0")
     need(ppo.repeated_ngram_penalty >= 0, "ppo.repeated_ngram_penalty", "must be >= 0")
     need(ppo.repeated_ngram_size >= 1, "ppo.repeated_ngram_size", "must be >= 1")
+    need(not ppo.greedy_in_group or ppo.samples_per_prompt >= 3, "ppo.greedy_in_group",
+         "needs ppo.samples_per_prompt >= 3 (a greedy answer and at least two sampled ones per group)")
+    need(not ppo.greedy_in_group or (ppo.top_k == 0 and ppo.top_p == 1.0), "ppo.greedy_in_group",
+         "decodes greedy and sampled rows in one batch with the plain sampler: set ppo.top_k=0 and ppo.top_p=1.0")
+    need(0 <= ppo.overlong_buffer <= ppo.max_new_tokens, "ppo.overlong_buffer", "must be in [0, ppo.max_new_tokens]")
+    need(ppo.overlong_penalty >= 0, "ppo.overlong_penalty", "must be >= 0 (it is subtracted)")
     need(ppo.missing_eos_penalty is None or ppo.missing_eos_penalty >= 0, "ppo.missing_eos_penalty",
          "must be >= 0 (it is subtracted) or null")
     e = cfg.eval

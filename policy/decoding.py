@@ -58,9 +58,11 @@ def plain_decoding(gen_kwargs: dict, default_eos) -> Decoding | None:
 
 
 @torch.no_grad()
-def decode(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, how: Decoding) -> list[list[int]]:
+def decode(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, how: Decoding,
+           greedy_rows: torch.Tensor | None = None) -> list[list[int]]:
     """New tokens of each left-padded row of (`inputs_embeds` [B, L, d], `attention_mask` [B, L]), each cut after
-    its first EOS (no EOS: `how.max_new_tokens` tokens)."""
+    its first EOS (no EOS: `how.max_new_tokens` tokens). `greedy_rows` [B] bool: rows decoded greedily in a
+    sampling batch (they still draw their random number, so the other rows' draws do not depend on which)."""
     device = inputs_embeds.device
     mask = attention_mask.long()
     positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -77,6 +79,8 @@ def decode(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, how: D
             logits = logits.clone()
             logits[:, eos] = float("-inf")
         token = logits.argmax(-1) if how.temperature is None else sample_tokens(logits, how.temperature)
+        if greedy_rows is not None and how.temperature is not None:
+            token = torch.where(greedy_rows[rows], logits.argmax(-1), token)
         for r, t in zip(rows.tolist(), token.tolist()):
             results[r].append(t)
         if step + 1 == how.max_new_tokens:

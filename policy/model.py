@@ -56,13 +56,15 @@ class PersonalizedPolicy(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], user_idx: torch.Tensor, texts: list[list[int]] | None = None,
-                 pad_id: int = 0, use_prefix: bool = True, reference: bool = False, **gen_kwargs) -> list[list[int]]:
+                 pad_id: int = 0, use_prefix: bool = True, reference: bool = False,
+                 greedy_rows: list[bool] | None = None, **gen_kwargs) -> list[list[int]]:
         """Batched generation with the KV cache; left-padded rows laid out [pads, prefix, prompt].
 
         Returns the new tokens of each row, cut after its first EOS. `reference=True` decodes pi_SFT (adapters off,
         the reference prefix); `use_prefix=False` decodes without any prefix. `gen_kwargs` are `generate`'s; greedy
         decoding and sampling from the full softmax(logits / T) run in `policy.decoding.decode` (finished rows
-        leave the batch), anything else (top-k, top-p, ...) in transformers' `generate`.
+        leave the batch), anything else (top-k, top-p, ...) in transformers' `generate`. `greedy_rows`: rows
+        decoded greedily in a sampling batch (the plain decoder only).
         """
         device = next(self.backbone.lm.parameters()).device
         input_ids = pad(prompts, pad_id, side="left").to(device)
@@ -88,7 +90,10 @@ class PersonalizedPolicy(nn.Module):
                 embeds, attn = token_embeds, mask
             how = plain_decoding(gen_kwargs, lm.generation_config.eos_token_id)
             if how is not None:
-                return decode(lm, embeds, attn, how)
+                greedy = None if greedy_rows is None else torch.tensor(greedy_rows, dtype=torch.bool, device=device)
+                return decode(lm, embeds, attn, how, greedy_rows=greedy)
+            if greedy_rows is not None and any(greedy_rows):
+                raise ValueError("greedy_rows needs the plain decoder: no top-k, top-p or other generate options")
             out = lm.generate(inputs_embeds=embeds, attention_mask=attn, pad_token_id=pad_id, **gen_kwargs)
         eos = gen_kwargs.get("eos_token_id", lm.generation_config.eos_token_id)
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])

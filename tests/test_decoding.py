@@ -74,3 +74,18 @@ def test_sampling_is_seeded_masks_eos_and_is_greedy_when_cold(tiny):
     out = policy.generate(PROMPTS, users, do_sample=False, min_new_tokens=3,
                           **dict(kw, eos_token_id=first))
     assert all(first not in r[:3] for r in out)
+
+
+def test_greedy_rows_in_a_sampling_batch_are_the_greedy_answers(tiny):
+    """`greedy_rows`: those rows of a sampling batch are what greedy decoding gives them; the others are sampled."""
+    policy, tok = tiny
+    users = torch.tensor([1, 2, 0, 1])
+    kw = dict(pad_id=tok.pad_token_id, max_new_tokens=8, eos_token_id=-1)
+    greedy = policy.generate(PROMPTS, users, do_sample=False, **kw)
+    torch.manual_seed(3)
+    mixed = policy.generate(PROMPTS, users, do_sample=True, temperature=1.0, greedy_rows=[True, False, True, False],
+                            **kw)
+    assert mixed[0] == greedy[0] and mixed[2] == greedy[2]
+    assert mixed[1] != greedy[1] or mixed[3] != greedy[3]  # a random tiny model at temperature 1 is not greedy
+    with pytest.raises(ValueError, match="greedy_rows"):
+        policy.generate(PROMPTS, users, do_sample=True, top_k=5, greedy_rows=[True, False, False, False], **kw)

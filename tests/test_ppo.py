@@ -882,10 +882,20 @@ def test_repeated_ngram_share_hand_computed():
     assert repeated_ngram_share([], 3) == repeated_ngram_share([1, 2], 3) == repeated_ngram_share([0], 1, 0) == 0.0
 
 
-def test_rollout_scores_pay_the_missing_eos_and_repeated_ngram_penalties(tmp_path, rm_run, ppo_data):
-    """score = RM score (clipped) - missing_eos_penalty * [no EOS] - repeated_ngram_penalty * repeated share, each
-    sample on its own tokens."""
-    from policy.ppo.core import repeated_ngram_share
+def test_overlong_penalty_hand_computed():
+    """DAPO's soft ramp: nothing up to max_len - buffer tokens, then linear up to coef at max_len; off at buffer 0."""
+    from policy.ppo.core import overlong_penalty
+
+    got = overlong_penalty(torch.tensor([0, 72, 73, 84, 96]), max_len=96, buffer=24, coef=2.0)
+    assert torch.allclose(got, torch.tensor([0.0, 0.0, 2 / 24, 1.0, 2.0]))
+    assert torch.equal(overlong_penalty(torch.tensor([5, 96]), 96, 0, 2.0), torch.zeros(2))
+    assert torch.equal(overlong_penalty(torch.tensor([5, 96]), 96, 24, 0.0), torch.zeros(2))
+
+
+def test_rollout_scores_pay_the_missing_eos_repeated_ngram_and_overlong_penalties(tmp_path, rm_run, ppo_data):
+    """score = RM score (clipped) - missing_eos_penalty * [no EOS] - repeated_ngram_penalty * repeated share -
+    the overlong ramp on the response's length, each sample on its own tokens."""
+    from policy.ppo.core import overlong_penalty, repeated_ngram_share
 
     over = {"ppo.rollout_batch_size": 8, "ppo.minibatch_size": 4, "ppo.advantage_estimator": "rloo",
             "ppo.samples_per_prompt": 4, "ppo.max_new_tokens": 40, "ppo.missing_eos_penalty": 0.5,
@@ -894,7 +904,9 @@ def test_rollout_scores_pay_the_missing_eos_and_repeated_ngram_penalties(tmp_pat
     trainer = make_trainer(cfg, rm_run, tmp_path / "a")
     plain = trainer.rollout(0)
     penalised = make_trainer(load_config(None, ppo_overrides(tmp_path / "b", ppo_data[0], rm_run, **over,
-                                                             **{"ppo.repeated_ngram_penalty": 3.0})),
+                                                             **{"ppo.repeated_ngram_penalty": 3.0,
+                                                                "ppo.overlong_buffer": 30,
+                                                                "ppo.overlong_penalty": 1.5})),
                              rm_run, tmp_path / "b").rollout(0)
     assert penalised.response_ids == plain.response_ids  # the penalty changes the reward, not the sampling
     shares = torch.tensor([repeated_ngram_share(r, 1, trainer.eos_id) for r in plain.response_ids])
@@ -903,7 +915,10 @@ def test_rollout_scores_pay_the_missing_eos_and_repeated_ngram_penalties(tmp_pat
     assert float(shares.max()) > 0 and not bool(plain.ended.all())
     clipped = plain.raw_scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip)
     assert torch.allclose(plain.scores, clipped - 0.5 * (~plain.ended).float())
-    assert torch.allclose(penalised.scores, plain.scores - 3.0 * shares)
+    lengths = torch.tensor([len(r) for r in plain.response_ids])
+    ramp = overlong_penalty(lengths, 40, 30, 1.5)
+    assert float(ramp.max()) > 0 and float(ramp.min()) < 1.5  # some answers on the ramp, not all at its top
+    assert torch.allclose(penalised.scores, plain.scores - 3.0 * shares - ramp)
 
 
 def test_length_sorted_batches_group_rows_of_a_length():
@@ -968,3 +983,26 @@ def test_reward_reference_scores_each_sample_against_pi_sfts_greedy_answer(tmp_p
     assert resumed.maybe_resume() == 1
     assert resumed.reference_answers == trainer.reference_answers
     assert resumed.reference_rm_scores == trainer.reference_rm_scores
+
+
+def test_greedy_in_group_makes_each_groups_first_sample_the_actors_greedy_answer(tmp_path, rm_run, ppo_data):
+    """ppo.greedy_in_group: sample 0 of every (prompt, user) group is the actor's greedy answer for that user (what
+    a separate greedy decode gives), the others are sampled; a group of fewer than 3 is refused by the config."""
+    over = {"ppo.rollout_batch_size": 12, "ppo.minibatch_size": 4, "ppo.advantage_estimator": "rloo",
+            "ppo.samples_per_prompt": 3, "ppo.max_new_tokens": 8, "ppo.greedy_in_group": "true"}
+    cfg = load_config(None, ppo_overrides(tmp_path / "a", ppo_data[0], rm_run, **over))
+    trainer = make_trainer(cfg, rm_run, tmp_path / "a", lora_b_std=0.05)
+    pairs = trainer.sample_pairs(0)
+    firsts = pairs[::3]
+    greedy = trainer.actor.generate([trainer.prompt_ids[i] for i, _ in firsts],
+                                    torch.tensor([trainer.vocab.index(u) for _, u in firsts]),
+                                    [trainer._text_ids(u) for _, u in firsts], trainer.pad_id, trainer.eos_id, 8,
+                                    1.0, 0, 1.0, greedy_rows=[True] * len(firsts))
+    ro = trainer.rollout(0)
+    assert ro.response_ids[::3] == greedy
+    sampled = [r for j, r in enumerate(ro.response_ids) if j % 3]
+    # a random tiny model's samples are not its greedy answers (each sampled answer differs from its group's)
+    assert sum(s != ro.response_ids[j // 2 * 3] for j, s in enumerate(sampled)) >= len(sampled) // 2
+    with pytest.raises(ConfigError, match="ppo.greedy_in_group"):
+        load_config(None, ppo_overrides(tmp_path / "b", ppo_data[0], rm_run,
+                                        **{**over, "ppo.samples_per_prompt": 2, "ppo.rollout_batch_size": 8}))

@@ -169,6 +169,20 @@ def repeated_ngram_share(ids: list[int], n: int, eos_id: int | None = None) -> f
     return repeated / total
 
 
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, coef: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025): what a response of `lengths` tokens pays, 0 up to
+    max_len - buffer tokens, then rising linearly to `coef` at max_len.
+
+    A reward model trained on answers up to some length extrapolates past it: a grade that rises with length keeps
+    rising, and the policy's longest answers drift into a range no preference ever judged (where a small model's
+    text starts to repeat itself). The ramp brakes only that tail: answers inside the data's range pay nothing,
+    whoever the user, so a group that wants short answers keeps its pull. buffer 0 or coef 0: off."""
+    lengths = lengths.float()
+    if buffer <= 0 or coef == 0:
+        return torch.zeros_like(lengths)
+    return coef * (lengths - (max_len - buffer)).clamp(min=0, max=buffer) / buffer
+
+
 class FixedKLController:
     """kl_coef stays where the config put it."""
 

@@ -118,12 +118,13 @@ class Actor:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], user_idx: torch.Tensor, texts: list[list[int]] | None,
                  pad_id: int, eos_id: int, max_new_tokens: int, temperature: float, top_k: int,
-                 top_p: float, min_new_tokens: int = 0) -> list[list[int]]:
+                 top_p: float, min_new_tokens: int = 0, greedy_rows: list[bool] | None = None) -> list[list[int]]:
         """Sampled responses (left-padded batch, KV cache), each cut after its first EOS. Every sampling option
         is passed explicitly so that a model's own generation_config cannot change the distribution. Without top-k
-        or top-p, `policy.decoding.decode` samples (one random number per row and token; finished rows leave)."""
-        return self.policy.generate(prompts, user_idx, texts, pad_id=pad_id, do_sample=True,
-                                    max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+        or top-p, `policy.decoding.decode` samples (one random number per row and token; finished rows leave).
+        `greedy_rows`: rows that take the most likely token at each step instead (what people are shown)."""
+        return self.policy.generate(prompts, user_idx, texts, pad_id=pad_id, greedy_rows=greedy_rows,
+                                    do_sample=True, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                     temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_id,
                                     repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True)
 

@@ -7,11 +7,13 @@ One iteration (`train.max_steps` of them):
    the data's user groups in turn, each group's users in turn), and a `ppo.generic_user_share` of the batch as the
    generic user 0;
    a pure function of (seed, iteration), so a resumed run draws exactly what an uninterrupted one would;
-2. generate one response per pair with the actor (user prefix, left-padded batch, KV cache, sampling config);
+2. generate one response per pair with the actor (user prefix, left-padded batch, KV cache, sampling config;
+   with `ppo.greedy_in_group` the first sample of each group is the actor's greedy answer);
 3. score each response with the frozen RM *for the user it was generated for* (with `ppo.reward_reference`, as
    the RM's probability that the user prefers it to pi_SFT's greedy answer); standardise per user (running
    mean of that user's scores; `ppo.reward_baseline`), clip, subtract `ppo.missing_eos_penalty` where the
-   response has no EOS and `ppo.repeated_ngram_penalty` times the share of its n-grams that it repeats;
+   response has no EOS, `ppo.repeated_ngram_penalty` times the share of its n-grams that it repeats and the soft
+   overlong ramp on its length (`ppo.overlong_buffer`);
 4. reference log-probs (adapters off, no prefix), old log-probs and values (one forward when the critic shares
    the actor's backbone; no values with RLOO);
 5. per-token rewards -kl_coef * (log pi - log pi_ref), the score added at the last response token; GAE; whitened
@@ -59,6 +61,7 @@ from policy.ppo.core import (
     preference_reward,
     make_kl_controller,
     masked_mean,
+    overlong_penalty,
     per_token_kl_rewards,
     repeated_ngram_share,
     rloo_advantages,
@@ -315,13 +318,15 @@ class PPOTrainer:
             self.reference_rm_scores.update({(i, user_key(u)): float(r) for (i, u), r in zip(todo, raw)})
         return torch.tensor([self.reference_rm_scores[(i, user_key(u))] for i, u in pairs])
 
-    def penalties(self, ended: torch.Tensor, repeated: torch.Tensor) -> torch.Tensor:
+    def penalties(self, ended: torch.Tensor, repeated: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """What each sample pays on its own, after shaping: `ppo.missing_eos_penalty` where it has no EOS,
-        `ppo.repeated_ngram_penalty` times the share of its n-grams that it repeats."""
-        out = torch.zeros(len(ended))
-        if self.ppo.missing_eos_penalty is not None:
-            out = out + self.ppo.missing_eos_penalty * (~ended).float()
-        return out + self.ppo.repeated_ngram_penalty * repeated
+        `ppo.repeated_ngram_penalty` times the share of its n-grams that it repeats, and the soft overlong ramp
+        (`ppo.overlong_buffer`, `ppo.overlong_penalty`) on its length in tokens."""
+        p = self.ppo
+        out = overlong_penalty(lengths, p.max_new_tokens, p.overlong_buffer, p.overlong_penalty)
+        if p.missing_eos_penalty is not None:
+            out = out + p.missing_eos_penalty * (~ended).float()
+        return out + p.repeated_ngram_penalty * repeated
 
     # ------------------------------------------------------------------------------------------ 2-5. rollout
     @torch.no_grad()
@@ -338,8 +343,11 @@ class PPOTrainer:
         # 2. generation (sampling noise seeded per iteration, and per rank)
         torch.manual_seed(self._rank_seed(self._seed(iteration, _STREAM_SAMPLING)))
         with self.gathered_parameters(self.actor.backbone):
+            # ppo.greedy_in_group: each group's first sample is the actor's greedy answer, in the same batch
+            greedy = [i % p.samples_per_prompt == 0 for i in range(len(pairs))] if p.greedy_in_group else None
             responses = self.actor.generate(prompt_ids, torch.tensor(user_idx), text_ids, self.pad_id, self.eos_id,
-                                            p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.min_new_tokens)
+                                            p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.min_new_tokens,
+                                            greedy_rows=greedy)
         t_gen = time.time() - t0
         ended = torch.tensor([self._ended(r) for r in responses])
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
@@ -354,7 +362,8 @@ class PPOTrainer:
         if p.reward_reference == "sft_greedy":
             ref_scores = self.reference_scores(pairs)
             graded = preference_reward(raw, ref_scores)
-        scores = self.shape_all_ranks(graded, user_ids, iteration) - self.penalties(ended, repeated)
+        response_lengths = torch.tensor([len(r) for r in responses])
+        scores = self.shape_all_ranks(graded, user_ids, iteration) - self.penalties(ended, repeated, response_lengths)
 
         # 4. old log-probs, values, reference log-probs
         ro = Rollout([i for i, _ in pairs], user_ids, prompt_ids, responses, text_ids, user_idx, texts, ended,
