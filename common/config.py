@@ -221,7 +221,8 @@ class PPOConfig:
         "(ReMax, Li et al. 2024, decodes a greedy answer as its baseline; here it is also scored and trained on, "
         "its advantage against its sampled siblings): people are shown greedy answers, and a loop that only greedy "
         "decoding falls into is then scored and paid for (ppo.repeated_ngram_penalty). Needs ppo.samples_per_prompt "
-        ">= 3 with rloo, so that the greedy answer has sampled siblings to be judged against")
+        ">= 3, so that the greedy answer has sampled siblings to be judged against, and the plain sampler (ppo.top_k "
+        "0, ppo.top_p 1.0), which decodes greedy and sampled rows in one batch")
     overlong_buffer: int = _f(
         0, "soft overlong punishment (DAPO, Yu et al. 2025): a response longer than ppo.max_new_tokens - "
         "overlong_buffer tokens pays ppo.overlong_penalty times the share of the buffer it uses, a linear ramp up "

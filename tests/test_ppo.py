@@ -993,13 +993,13 @@ def test_greedy_in_group_makes_each_groups_first_sample_the_actors_greedy_answer
     cfg = load_config(None, ppo_overrides(tmp_path / "a", ppo_data[0], rm_run, **over))
     trainer = make_trainer(cfg, rm_run, tmp_path / "a", lora_b_std=0.05)
     pairs = trainer.sample_pairs(0)
-    firsts = pairs[::3]
-    greedy = trainer.actor.generate([trainer.prompt_ids[i] for i, _ in firsts],
-                                    torch.tensor([trainer.vocab.index(u) for _, u in firsts]),
-                                    [trainer._text_ids(u) for _, u in firsts], trainer.pad_id, trainer.eos_id, 8,
-                                    1.0, 0, 1.0, greedy_rows=[True] * len(firsts))
+    # the whole batch decoded greedily: the same rows, padding and batch as the rollout's
+    greedy = trainer.actor.generate([trainer.prompt_ids[i] for i, _ in pairs],
+                                    torch.tensor([trainer.vocab.index(u) for _, u in pairs]),
+                                    [trainer._text_ids(u) for _, u in pairs], trainer.pad_id, trainer.eos_id, 8,
+                                    1.0, 0, 1.0, greedy_rows=[True] * len(pairs))
     ro = trainer.rollout(0)
-    assert ro.response_ids[::3] == greedy
+    assert ro.response_ids[::3] == greedy[::3]
     sampled = [r for j, r in enumerate(ro.response_ids) if j % 3]
     # a random tiny model's samples are not its greedy answers (each sampled answer differs from its group's)
     assert sum(s != ro.response_ids[j // 2 * 3] for j, s in enumerate(sampled)) >= len(sampled) // 2
