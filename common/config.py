@@ -166,13 +166,20 @@ class PPOConfig:
     minibatch_size: int = _f(8, "samples per PPO gradient step")
     ppo_epochs: int = _f(2, "passes over each rollout batch")
     generic_user_share: float = _f(0.2, "share of rollout samples generated for the generic user 0")
-    init_user_model: Literal["fresh", "rm", "rm_gated"] = _f(
+    init_user_model: Literal["fresh", "rm", "rm_gated", "rm_clusters"] = _f(
         "fresh", "start of the actor's user model: fresh (every user at the generic embedding, as in train_rm); "
-        "rm_gated (each user's offset is the RM's trained row times a learned scalar gate that starts at 0: the "
-        "actor starts exactly at pi_SFT and PPO learns one number per user along the direction the RM found for "
-        "that user; individual user models); or rm (the RM's trained per-user parameters, o_i or the cluster "
-        "logits a_i, times ppo.init_user_model_scale: the actor no longer starts at pi_SFT). rm and rm_gated need "
-        "the same user_model.kind and n_tokens as the RM run")
+        "rm_clusters (user_model.kind=cluster: the RM's users grouped by the directions of their trained rows, "
+        "spherical k-means with K = user_model.n_clusters, and each user's cluster logit set to "
+        "ppo.init_cluster_logit for its group's centre; the centres, all at pi_SFT's prompt, make the actor start "
+        "exactly at pi_SFT; any RM user model but uniform); rm_gated (each user's offset is the RM's trained row "
+        "times a learned scalar gate that starts at 0: the actor starts exactly at pi_SFT and PPO learns one number "
+        "per user along the direction the RM found for that user; individual user models); or rm (the RM's trained "
+        "per-user parameters, o_i or the cluster logits a_i, times ppo.init_user_model_scale: the actor no longer "
+        "starts at pi_SFT). rm and rm_gated need the same user_model.kind and n_tokens as the RM run")
+    init_cluster_logit: float = _f(
+        3.0, "with ppo.init_user_model=rm_clusters: a user's starting logit for its own group's centre (the others "
+        "0). 3.0 puts 0.95 of the weight on it with K = 2: firm enough that a few noisy rollouts do not move a user "
+        "to the other group, and the logits still learn")
     init_user_model_scale: float = _f(
         0.3, "with ppo.init_user_model=rm: factor on the copied per-user parameters. The RM's embeddings are tuned "
         "for the RM's LoRA; at full size they derail the actor's generation (sequence KL ~30 at the first rollout "
@@ -552,6 +559,9 @@ def validate(cfg: Config) -> None:
     need(ppo.advantage_estimator != "rloo" or ppo.samples_per_prompt >= 2, "ppo.advantage_estimator",
          "'rloo' needs ppo.samples_per_prompt >= 2")
     need(ppo.init_user_model_scale > 0, "ppo.init_user_model_scale", "must be > 0")
+    need(ppo.init_cluster_logit > 0, "ppo.init_cluster_logit", "must be > 0")
+    need(ppo.init_user_model != "rm_clusters" or cfg.user_model.kind == "cluster", "user_model.kind",
+         "must be cluster with ppo.init_user_model=rm_clusters (it seeds the cluster weights)")
     need(ppo.temperature > 0, "ppo.temperature", "must be > 0")
     need(0 < ppo.top_p <= 1, "ppo.top_p", "must be in (0, 1]")
     need(ppo.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")

@@ -199,7 +199,12 @@ def check_resumable(checkpoint: Path, settings: dict, max_steps: int) -> None:
         raise ConfigError(f"{checkpoint} does not record the settings it was written with (an older version wrote "
                           "it), so it cannot be checked against this run. Set train.resume=never to start over, "
                           "or use another output_dir")
-    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    defaults = {k: json.loads(json.dumps(default)) for k, _, default, _ in iter_keys()}
+    # A key the checkpoint does not record was added to the code after it was written. At its default it does what
+    # the older code did (new options ship switched off), so a run killed before an upgrade still resumes after it.
+    added_at_default = {k for k in set(settings) - set(saved) if k in defaults and settings[k] == defaults[k]}
+    diff = sorted(k for k in set(saved) | set(settings)
+                  if saved.get(k) != settings.get(k) and k not in added_at_default)
     if diff:
         shown = "; ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
         more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""

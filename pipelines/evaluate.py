@@ -114,6 +114,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
                                               if not g.startswith("<")}
         for key in ("response_tokens", "distinct_token_share"):
             metrics["generation"][f"{key}_per_group"] = _mean_by_group(generation.get(key, {}), groups)
+    weights = cluster_weights(backbone.user_model, vocab)
+    if weights is not None:
+        metrics["cluster_weights"] = weights
     metrics["scoring"] = scoring
     metrics["run"] = str(run_dir)
     metrics["data"] = str(data) if not isinstance(data, list) else "<records>"
@@ -125,6 +128,19 @@ def evaluate_run(run_dir: str | Path, data: str | Path | list, out: str | Path |
     if own_tracker:
         tracker.finish()
     return metrics
+
+
+def cluster_weights(user_model, vocab: UserVocab) -> dict[str, list[float]] | None:
+    """A cluster user model's w_i = softmax(a_i) over its K centres for every seen user and the generic user
+    (`<generic>`); None for other kinds. Which centre a user leans on is the model's own account of who agrees
+    with whom, learned without group labels: set beside the data's groups, it shows whether the groups were found."""
+    if user_model.kind != "cluster":
+        return None
+    names = ["<generic>"] + vocab.ids  # vocab index i is row i of the table
+    rows = torch.arange(len(names), device=user_model.implicit.logits.weight.device)
+    with torch.no_grad():
+        w = user_model.implicit.weights(rows).float().cpu()
+    return {name: [round(float(x), 4) for x in row] for name, row in zip(names, w)}
 
 
 def scoring_encoder(tokenizer, cfg, backbone) -> PairEncoder:
@@ -169,6 +185,11 @@ def log_metrics(tracker: Tracker, metrics: dict) -> None:
             for u, v in metrics["per_user"].items()]
     tracker.log_table("eval/per_user", ["user", "accuracy", "mean_margin", "n", "seen", "group",
                                         "mean_response_words"], rows)
+    if metrics.get("cluster_weights"):
+        weights = metrics["cluster_weights"]
+        k = len(next(iter(weights.values())))
+        tracker.log_table("eval/cluster_weights", ["user"] + [f"centre_{j + 1}" for j in range(k)],
+                          [[u, *w] for u, w in weights.items()])
     tracker.log_bar("eval/per_user_accuracy_chart", [r[0] for r in rows], [r[1] or 0.0 for r in rows],
                     f"per-user accuracy ({metrics['route']})")
 
@@ -203,6 +224,15 @@ def _write(out: Path, metrics: dict, route: str, run_dir: Path) -> None:
         lines += ["", "Greedy response length (words) per user, generic user and reference:", "",
                   "| user | words |", "|---|---|"]
         lines += [f"| {u} | {w:.1f} |" for u, w in gen["users"].items()]
+    weights = metrics.get("cluster_weights")
+    if weights:
+        k = len(next(iter(weights.values())))
+        groups = {u: v["group"] for u, v in metrics["per_user"].items()}
+        lines += ["", "Cluster weights per user (w_i = softmax(a_i) over the centres; learned without the groups):", "",
+                  "| user | group | " + " | ".join(f"centre {j + 1}" for j in range(k)) + " |",
+                  "|---|---|" + "---|" * k]
+        lines += [f"| {u} | {groups.get(u) or '-'} | " + " | ".join(f"{x:.2f}" for x in w) + " |"
+                  for u, w in weights.items()]
     lines += [""] + [f"![{p.stem}](plots/{p.name})" for p in pngs]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config) -> dict:
     from policy.ppo.roles import (VALUE_HEAD, build_roles, check_rm_run, gate_user_model_on_rm,
-                                  init_user_model_from_rm, load_reward_role)
+                                  init_user_model_from_rm, load_reward_role,
+                                  seed_clusters_from_rm)
     from policy.ppo.trainer import PPOTrainer
 
     dist.setup(cfg)
@@ -60,6 +61,10 @@ def run(cfg: Config) -> dict:
             init_user_model_from_rm(backbone.user_model, reward, cfg.ppo.init_user_model_scale)
         elif backbone is not None and cfg.ppo.init_user_model == "rm_gated":
             gate_user_model_on_rm(backbone.user_model, reward)
+        elif backbone is not None and cfg.ppo.init_user_model == "rm_clusters":
+            groups = seed_clusters_from_rm(backbone.user_model, reward, cfg.ppo.init_cluster_logit, cfg.seed)
+            log.info("cluster of each user, from the RM's rows: %s",
+                     {u: groups[vocab.index(u) - 1] for u in vocab.ids})
     tracker = Tracker(cfg, run_dir, job_type="ppo")
     trainer = PPOTrainer(cfg, run_dir, modules, actor, critic, reference, reward, tokenizer, vocab, prompts,
                          user_texts=user_texts, tracker=tracker, device=device, user_groups=user_groups)

@@ -762,6 +762,44 @@ def test_init_user_model_from_rm_copies_the_rms_users(tmp_path, rm_run, ppo_data
     assert torch.allclose(got, 0.3 * rm_offsets, atol=1e-9) and got.abs().sum() > 0
 
 
+def test_rm_clusters_seeds_each_users_cluster_weights_from_the_rms_rows(tmp_path, ppo_data):
+    """`ppo.init_user_model=rm_clusters`: users whose RM rows point the same way share a centre (whatever their
+    rows' lengths), the others get the other one; the generic user stays at the even mixture; the centres are
+    untouched. Refused for a non-cluster actor (naming user_model.kind) and for an RM without per-user rows."""
+    from pipelines.train_ppo import run
+    from policy.ppo.roles import seed_clusters_from_rm
+
+    rm = make_rm_run(tmp_path / "rm4", users=("a", "b", "c", "d"))
+    reward = load_reward_role(rm, CPU)
+    offsets = reward.model.backbone.user_model.implicit.offsets.weight
+    v = torch.randn(offsets.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a and d alike, b and c alike (the opposite way), at different lengths
+        offsets[1:] = torch.stack([v, -2 * v, -0.5 * v, 3 * v]) + 0.1 * torch.randn(4, offsets.shape[1])
+    cfg = load_config(None, ppo_overrides(tmp_path / "x", ppo_data[0], rm, **{
+        "user_model.kind": "cluster", "user_model.n_clusters": 2, "ppo.init_user_model": "rm_clusters"}))
+    modules, *_ = build_roles(cfg, 4, CPU)
+    um = modules.actor.user_model
+    centres = um.implicit.centres.detach().clone()
+    assert seed_clusters_from_rm(um, reward, 2.5) == [0, 1, 1, 0]
+    assert torch.equal(um.implicit.logits.weight.detach(), torch.tensor(
+        [[0.0, 0.0], [2.5, 0.0], [0.0, 2.5], [0.0, 2.5], [2.5, 0.0]]))
+    assert torch.equal(um.implicit.centres, centres)
+    with pytest.raises(ConfigError, match="user_model.kind"):
+        load_config(None, ppo_overrides(tmp_path / "y", ppo_data[0], rm, **{"ppo.init_user_model": "rm_clusters"}))
+    with torch.no_grad():
+        offsets.zero_()  # every user is the generic one: nothing to group
+    with pytest.raises(ConfigError, match="nothing to group"):
+        seed_clusters_from_rm(um, reward, 2.5)
+    # wired into train_ppo: with (almost) no user-model learning the trained weights are the seeded ones
+    out = tmp_path / "ppo_rmk"
+    run(load_config(None, ppo_overrides(out, ppo_data[0], rm, **{
+        "user_model.kind": "cluster", "user_model.n_clusters": 2, "ppo.init_user_model": "rm_clusters",
+        "ppo.init_cluster_logit": 4.0, "user_model.lr": 1e-12, "user_model.shared_lr": 0.0})))
+    logits = load_file(str(out / "checkpoint" / "user_model.safetensors"))["implicit.logits.weight"]
+    assert logits[0].abs().max() < 1e-6 and torch.allclose(logits[1:].max(dim=1).values, torch.full((4,), 4.0))
+    assert torch.allclose(logits[1:].min(dim=1).values, torch.zeros(4), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ issue 19: the RM route
 
 
@@ -797,9 +835,12 @@ def test_rloo_rollout_uses_one_normalisation(tmp_path, rm_run, ppo_data):
     assert float(ro.kl.abs().sum()) > 0
 
 
-def test_the_actor_starts_exactly_at_pi_sft(tmp_path, rm_run, ppo_data):
+@pytest.mark.parametrize("start", [{}, {"user_model.kind": "cluster", "user_model.n_clusters": 2,
+                                       "ppo.init_user_model": "rm_clusters"}], ids=["fresh", "rm_clusters"])
+def test_the_actor_starts_exactly_at_pi_sft(tmp_path, rm_run, ppo_data, start):
     """From a train_sft run the first rollout carries no KL at all, for every user (issue 19, cause 5: the RM's
-    rows and a random e_0 made the first rollouts differ from pi_SFT before any update)."""
+    rows and a random e_0 made the first rollouts differ from pi_SFT before any update); also with cluster weights
+    seeded from the RM (the centres all start at pi_SFT's prompt)."""
     from pipelines.train_sft import run as run_sft
 
     train = ppo_data[0]
@@ -809,8 +850,13 @@ def test_the_actor_starts_exactly_at_pi_sft(tmp_path, rm_run, ppo_data):
     cfg = load_config(None, ppo_overrides(tmp_path / "ppo", train, rm_run, **{
         "model.sft_run": str(tmp_path / "sft"), "user_model.n_tokens": 4, "ppo.rollout_batch_size": 8,
         "ppo.minibatch_size": 4, "ppo.advantage_estimator": "rloo", "ppo.samples_per_prompt": 2,
-        "ppo.generic_user_share": 0.25}))
+        "ppo.generic_user_share": 0.25, **start}))
     trainer = make_trainer(cfg, rm_run, tmp_path / "ppo")
+    if start:
+        from policy.ppo.roles import seed_clusters_from_rm
+
+        seed_clusters_from_rm(trainer.actor.backbone.user_model, trainer.reward, 3.0)
+        assert trainer.actor.backbone.user_model.implicit.logits.weight[1:].max() == 3.0
     ro = trainer.rollout(0)
     assert {u for u in ro.user_ids} >= {None, "a"} or {u for u in ro.user_ids} >= {None, "b"}
     assert torch.equal(ro.logps, ro.ref_logps) and float(ro.kl.abs().max()) == 0.0

@@ -200,6 +200,27 @@ def test_run_folder_mismatch_refused(tmp_path, toy_data):
         load_backbone_from_run(run_dir, torch.device("cpu"))
 
 
+def test_resume_takes_a_checkpoint_from_before_a_key_existed_when_the_key_is_at_its_default(tmp_path):
+    """The code was upgraded between a kill and the resume: a key the checkpoint does not record, at its default,
+    is what the older code did (new options ship switched off) and does not block the resume; set to anything
+    else it is another experiment, refused naming the key."""
+    from common.config import ConfigError, load_config
+    from common.trainer import check_resumable, run_settings
+
+    settings = run_settings(load_config(None, []))
+    checkpoint = tmp_path / "step-2"
+    checkpoint.mkdir()
+    older = {k: v for k, v in settings.items() if k != "ppo.overlong_buffer"}
+    (checkpoint / "state.json").write_text(json.dumps({"step": 2, "settings": older}))
+    check_resumable(checkpoint, settings, 4)
+    with pytest.raises(ConfigError, match=r"other settings \(ppo\.overlong_buffer: None there, 8 now\)"):
+        check_resumable(checkpoint, run_settings(load_config(None, ["ppo.overlong_buffer=8"])), 4)
+    # a recorded key still has to match, default or not
+    (checkpoint / "state.json").write_text(json.dumps({"step": 2, "settings": {**settings, "train.lr": 0.5}}))
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.5 there"):
+        check_resumable(checkpoint, settings, 4)
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings_before_loading_it(tmp_path, toy_data):
     from common.config import ConfigError, load_config
     from pipelines.train_rm import run

@@ -421,3 +421,35 @@ def test_reward_pooling_is_a_config_key_the_stages_read(tmp_path):
                           [r["user_id"] for r in pairs] * 2)
     margins = scores[:len(pairs)] - scores[len(pairs):]
     assert metrics["overall"]["mean_margin"] == pytest.approx(float(margins.mean()), rel=1e-3, abs=1e-3)
+
+
+def test_evaluate_reports_each_users_cluster_weights_for_a_cluster_model(tmp_path, toy_data):
+    """A cluster run's metrics.json and report.md give every user's (and the generic user's) w_i over the centres,
+    as the trained table holds them; other kinds report none."""
+    from safetensors.torch import load_file
+
+    from conftest import tiny_overrides
+    from pipelines.evaluate import evaluate_run
+    from pipelines.train_rm import run
+    from preference_data.vocab import UserVocab
+
+    train, evals = toy_data
+    run(load_config(None, tiny_overrides(tmp_path, train, evals, **{
+        "train.max_steps": 3, "user_model.kind": "cluster", "user_model.n_clusters": 3,
+        "eval.n_generation_prompts": 0})))
+    metrics = evaluate_run(tmp_path / "run", evals, tmp_path / "ev", ["report_to=none"])
+    weights = metrics["cluster_weights"]
+    vocab = UserVocab.load(tmp_path / "run" / "users.json")
+    assert list(weights) == ["<generic>"] + vocab.ids
+    logits = load_file(str(tmp_path / "run" / "checkpoint" / "user_model.safetensors"))["implicit.logits.weight"]
+    for name, w in weights.items():
+        expected = torch.softmax(logits[vocab.index(None if name == "<generic>" else name)].float(), -1)
+        assert w == pytest.approx(expected.tolist(), abs=1e-4) and sum(w) == pytest.approx(1.0, abs=1e-3)
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "| user | group | centre 1 | centre 2 | centre 3 |" in report
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["cluster_weights"] == weights
+
+    run(load_config(None, tiny_overrides(tmp_path, train, evals, **{
+        "train.max_steps": 1, "output_dir": str(tmp_path / "ind"), "eval.n_generation_prompts": 0})))
+    plain = evaluate_run(tmp_path / "ind", evals, tmp_path / "ev_ind", ["report_to=none"])
+    assert "cluster_weights" not in plain and "Cluster weights" not in (tmp_path / "ev_ind" / "report.md").read_text()

@@ -181,3 +181,29 @@ def test_shared_lr_zero_freezes_only_the_shared_parts(kind):
     assert {g["lr"] for g in groups} == {0.1}
     assert sum(len(g["params"]) for g in groups) == len(list(um.parameters()))
     assert [g["params"] for g in groups if g.get("lazy")] == [um.user_tables()]
+
+
+def test_spherical_kmeans_groups_rows_by_direction_not_length():
+    from user_models.clustering import spherical_kmeans
+
+    # two directions, each with a short and a long row: by position the long rows would pair up
+    points = torch.tensor([[1.0, 0.0], [10.0, 0.5], [0.0, 1.0], [0.4, 12.0], [3.0, 0.2]])
+    assert spherical_kmeans(points, 2).tolist() == [0, 0, 1, 1, 0]
+    assert spherical_kmeans(points, 1).tolist() == [0] * 5
+    assert spherical_kmeans(points, 5).tolist() == [0, 1, 2, 3, 4]  # labels in order of each cluster's first point
+
+
+def test_spherical_kmeans_finds_noisy_groups_the_same_way_for_a_seed():
+    from user_models.clustering import spherical_kmeans
+
+    gen = torch.Generator().manual_seed(3)
+    directions = torch.randn(3, 64, generator=gen)
+    truth = torch.tensor([2, 0, 1, 1, 0, 2, 2, 0, 1, 0])
+    rows = directions[truth] * torch.rand(10, 1, generator=gen).add(0.5) + 0.3 * torch.randn(10, 64, generator=gen)
+    got = spherical_kmeans(rows, 3, seed=7)
+    assert got.tolist() == [0, 1, 2, 2, 1, 0, 0, 1, 2, 1]  # the true groups, named by their first member
+    assert torch.equal(got, spherical_kmeans(rows, 3, seed=7))
+    with pytest.raises(ValueError, match="k must be"):
+        spherical_kmeans(rows, 11)
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        spherical_kmeans(rows[0], 2)

@@ -174,7 +174,10 @@ class ClusterUserModel(ImplicitUserModel):
 
     def forward(self, user_idx: torch.Tensor) -> torch.Tensor:
         self._check(user_idx)
-        return torch.einsum("bk,ktd->btd", self.weights(user_idx), self.centres)
+        # sum_k w_k V_k written as V_0 + sum_k>0 w_k (V_k - V_0) (the weights sum to 1): equal centres, as a stage
+        # that starts at pi_SFT has them, give exactly V_0 whatever the weights, not V_0 up to rounding
+        w, c = self.weights(user_idx), self.centres
+        return c[0] + torch.einsum("bk,ktd->btd", w[:, 1:], c[1:] - c[0])
 
     def add_users(self, n_new: int) -> list[int]:
         start = self.n_users + 1

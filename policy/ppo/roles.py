@@ -339,6 +339,46 @@ def gate_user_model_on_rm(target: UserModel, reward: Reward) -> None:
     target.implicit.gate_directions(source.implicit.offsets.weight.detach())
 
 
+def seed_clusters_from_rm(target: UserModel, reward: Reward, logit: float, seed: int = 0) -> list[int]:
+    """`ppo.init_user_model=rm_clusters`: group the RM's users by the directions of their trained rows (each user's
+    soft prompt minus the generic user's; spherical k-means with the actor's K) and start each user's cluster logits
+    at `logit` for its group's centre, 0 for the others. The generic user stays at the even mixture. Returns the
+    users' clusters (user index i at position i - 1).
+
+    Only the weights are seeded: the centres keep their own init, so from a `model.sft_run` (every centre = pi_SFT's
+    prompt) the actor still starts exactly at pi_SFT, whatever the weights. What PPO no longer has to find from a few
+    noisy rollouts per user is who belongs together; the RM learned that from every comparison."""
+    from user_models.clustering import spherical_kmeans
+    from user_models.implicit import ClusterUserModel
+
+    if not isinstance(target.implicit, ClusterUserModel):
+        raise ConfigError("config key 'ppo.init_user_model' = 'rm_clusters' needs user_model.kind=cluster (it seeds "
+                          f"the cluster weights), got {target.kind!r}")
+    source = reward.model.backbone.user_model
+    if source.n_users != target.n_users:
+        raise ConfigError(f"config key 'ppo.init_user_model' = 'rm_clusters': the RM has {source.n_users} users, "
+                          f"the actor {target.n_users}; PPO's users must be the RM's")
+    k = target.implicit.n_clusters
+    if source.n_users < k:
+        raise ConfigError(f"config key 'user_model.n_clusters' is {k}, more than the RM's {source.n_users} users")
+    with torch.no_grad():
+        prompts = source.implicit(torch.arange(source.n_users + 1, device=_device_of(source))).float().cpu()
+        rows = (prompts[1:] - prompts[0]).flatten(1)
+    if not bool((rows.norm(dim=1) > 0).any()):
+        raise ConfigError(f"config key 'ppo.init_user_model' = 'rm_clusters': the RM's users all have the generic "
+                          f"user's prompt ({source.kind} user model), so there is nothing to group")
+    groups = spherical_kmeans(rows, k, seed=seed)
+    with torch.no_grad():
+        logits = target.implicit.logits.weight
+        logits.zero_()
+        logits[torch.arange(1, source.n_users + 1), groups.to(logits.device)] = logit
+    return groups.tolist()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def load_reward_role(rm_run: str | Path, device: torch.device | str) -> Reward:
     """The frozen `Reward` role of a finished train_rm run (also what `evaluate` uses to score PPO samples)."""
     from common.run import load_backbone_from_run
@@ -413,4 +453,5 @@ def user_key(user_id: str | None) -> str:
 
 
 __all__ = ["Actor", "Critic", "Reference", "Reward", "PPOModules", "build_roles", "check_rm_run",
-           "load_reward_role", "init_user_model_from_rm", "gate_user_model_on_rm", "new_value_head", "response_index", "user_key", "VALUE_HEAD", "GENERIC"]
+           "load_reward_role", "init_user_model_from_rm", "gate_user_model_on_rm", "seed_clusters_from_rm",
+           "new_value_head", "response_index", "user_key", "VALUE_HEAD", "GENERIC"]
