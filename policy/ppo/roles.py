@@ -362,7 +362,7 @@ def seed_clusters_from_rm(target: UserModel, reward: Reward, logit: float, seed:
     if source.n_users < k:
         raise ConfigError(f"config key 'user_model.n_clusters' is {k}, more than the RM's {source.n_users} users")
     with torch.no_grad():
-        prompts = source.implicit(torch.arange(source.n_users + 1, device=_device_of(source))).float().cpu()
+        prompts = source.implicit(torch.arange(source.n_users + 1, device=reward.device)).float().cpu()
         rows = (prompts[1:] - prompts[0]).flatten(1)
     if not bool((rows.norm(dim=1) > 0).any()):
         raise ConfigError(f"config key 'ppo.init_user_model' = 'rm_clusters': the RM's users all have the generic "
@@ -373,10 +373,6 @@ def seed_clusters_from_rm(target: UserModel, reward: Reward, logit: float, seed:
         logits.zero_()
         logits[torch.arange(1, source.n_users + 1), groups.to(logits.device)] = logit
     return groups.tolist()
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def load_reward_role(rm_run: str | Path, device: torch.device | str) -> Reward:
