@@ -407,22 +407,14 @@ class Engine:
 # ------------------------------------------------------------------------------------------------------- asyncio
 
 
-class AsyncStream:
-    """The events of one or more requests, for a coroutine: `async for k, event in stream`, where k is the index of
-    the request in `requests`. Submits at construction (raising ValueError / QueueFull there, before any response
-    is started). Must be created on the event loop's thread. `cancel()` (or leaving the loop early and calling it)
-    frees the requests' slots."""
+class EventStream:
+    """`async for k, event in stream`: the events of `n_requests` requests as they arrive in `self._queue`, k the
+    request's index; the loop ends after every request's `RequestDone`. A backend's stream puts the events on the
+    queue and says how `cancel()` frees its requests (the server calls it when a client leaves early)."""
 
-    def __init__(self, engine: Engine, requests: list[GenerationRequest]):
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, n_requests: int):
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._open = len(requests)
-        self._handles = engine.submit_many(requests, [self._sink(k) for k in range(len(requests))])
-
-    def _sink(self, k: int) -> Callable[[Event], None]:
-        def push(event: Event) -> None:  # engine thread -> event loop
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, (k, event))
-        return push
+        self._open = n_requests
 
     def __aiter__(self):
         return self
@@ -434,6 +426,25 @@ class AsyncStream:
         if isinstance(event, RequestDone):
             self._open -= 1
         return k, event
+
+    def cancel(self) -> None:
+        raise NotImplementedError
+
+
+class AsyncStream(EventStream):
+    """The events of one or more requests of the built-in engine, for a coroutine (see `EventStream`). Submits at
+    construction (raising ValueError / QueueFull there, before any response is started). Must be created on the
+    event loop's thread. `cancel()` (or leaving the loop early and calling it) frees the requests' slots."""
+
+    def __init__(self, engine: Engine, requests: list[GenerationRequest]):
+        super().__init__(len(requests))
+        self._loop = asyncio.get_running_loop()
+        self._handles = engine.submit_many(requests, [self._sink(k) for k in range(len(requests))])
+
+    def _sink(self, k: int) -> Callable[[Event], None]:
+        def push(event: Event) -> None:  # engine thread -> event loop
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, (k, event))
+        return push
 
     def cancel(self) -> None:
         for h in self._handles:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from serving.engine import (Admitted, GenerationRequest, QueueFull, RequestDone, SequenceDone, TextDelta,
+from serving.engine import (Admitted, EventStream, GenerationRequest, QueueFull, RequestDone, SequenceDone, TextDelta,
                             validate_request)
 from serving.policy import ServedPolicy
 
@@ -121,13 +121,12 @@ class VLLMEngine:
         shutil.rmtree(self._folder, ignore_errors=True)
 
 
-class VLLMStream:
-    """`async for k, event in stream` over the requests' vLLM outputs (the built-in `AsyncStream`'s contract)."""
+class VLLMStream(EventStream):
+    """`async for k, event in stream` over the requests' vLLM outputs (see `EventStream`)."""
 
     def __init__(self, engine: VLLMEngine, requests: list[GenerationRequest], text_ids: list[list[int]]):
+        super().__init__(len(requests))
         self._engine = engine
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._open = len(requests)
         engine._in_flight += len(requests)
         self._tasks = [asyncio.get_running_loop().create_task(self._run(k, r, t))
                        for k, (r, t) in enumerate(zip(requests, text_ids))]
@@ -159,17 +158,6 @@ class VLLMStream:
             await self._queue.put((k, RequestDone(error=f"internal error while decoding: {exc}")))
         finally:
             eng._in_flight -= 1
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self._open == 0:
-            raise StopAsyncIteration
-        k, event = await self._queue.get()
-        if isinstance(event, RequestDone):
-            self._open -= 1
-        return k, event
 
     def cancel(self) -> None:
         for t in self._tasks:

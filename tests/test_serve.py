@@ -531,6 +531,55 @@ def test_serve_cli_binds_loopback_by_default_and_explains_a_missing_vllm(pdpo_ru
     assert "vllm" in capsys.readouterr().err.lower()
 
 
+def test_vllm_stream_keeps_the_engine_stream_contract():
+    """The vLLM backend's stream, over a stand-in for vLLM's async engine: each request's events in order (admitted,
+    text deltas, the finished sequence, done), the loop ends after every request's RequestDone, and a request that
+    fails ends in RequestDone(error) while its neighbour completes."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.vllm_backend import VLLMStream
+
+    def output(text, reason):
+        return SimpleNamespace(outputs=[SimpleNamespace(index=0, text=text, finish_reason=reason, token_ids=[5, 6])])
+
+    class FakeLLM:
+        async def generate(self, inputs, sampling, request_id):
+            yield output("Hel", None)
+            yield output("Hello", "length")
+
+        async def abort(self, request_id):
+            pass
+
+    class FakeEngine:
+        _in_flight = 0
+        stats = {"requests": 0}
+        llm = FakeLLM()
+
+        def prompt_embeds(self, request, text_ids):
+            if request.user == "broken":
+                raise RuntimeError("no such row")
+            return None, request.user
+
+        def sampling_params(self, request):
+            return None
+
+    async def drain():
+        engine = FakeEngine()
+        requests = [SimpleNamespace(n=1, prompt_ids=[1, 2], user=u) for u in ("user_1", "broken")]
+        events = [(k, e) async for k, e in VLLMStream(engine, requests, [[1], [2]])]
+        return engine, events
+
+    engine, events = asyncio.run(asyncio.wait_for(drain(), timeout=30))  # a stream that never ends fails, not hangs
+    first = [e for k, e in events if k == 0]
+    assert [type(e) for e in first] == [Admitted, TextDelta, TextDelta, SequenceDone, RequestDone]
+    assert "".join(e.text for e in first if isinstance(e, TextDelta)) == "Hello"
+    assert first[3].finish_reason == "length" and first[-1].error is None
+    second = [e for k, e in events if k == 1]
+    assert len(second) == 1 and isinstance(second[0], RequestDone) and "no such row" in second[0].error
+    assert engine._in_flight == 0 and engine.stats["requests"] == 1
+
+
 # ------------------------------------------------------------------------------------------------------- routes
 
 
