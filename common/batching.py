@@ -136,6 +136,35 @@ def pair_sequence_batches(pairs: list[EncodedPair], pad_id: int, batch_size: int
                                       [users[i] for i in rows], [texts[i] for i in rows], pad_id)
 
 
+@torch.no_grad()
+def score_pairs(score, pairs: list[EncodedPair], pad_id: int, batch_size: int, device, as_generic: bool = False,
+                once_per_pair: bool = False, with_text: bool = True,
+                progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score of each pair's chosen answer, score of its rejected one), float32 on the CPU. `score` maps a collated
+    batch of sequences to one value per row (a reward model, a policy's sequence log-prob); the sequences go in
+    `pair_sequence_batches`. `as_generic` scores every sequence as the generic user 0. `once_per_pair` scores each
+    distinct pair once (`unique_pairs`, `with_text` as there) for scores that do not depend on the annotator.
+    `progress` (a tqdm bar) advances by pairs."""
+    if once_per_pair:
+        unique, where = unique_pairs(pairs, with_text=with_text)
+        if len(unique) < len(pairs):
+            if progress is not None:
+                progress.total = len(unique)
+            w, l = score_pairs(score, unique, pad_id, batch_size, device, as_generic, progress=progress)
+            idx = torch.tensor(where, dtype=torch.long)
+            return w[idx], l[idx]
+    n = len(pairs)
+    out = torch.zeros(2 * n)
+    for rows, batch in pair_sequence_batches(pairs, pad_id, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if as_generic:
+            batch["user_idx"] = torch.zeros_like(batch["user_idx"])
+        out[rows] = score(batch).float().cpu()
+        if progress is not None:
+            progress.update(len(rows) / 2)
+    return out[:n], out[n:]
+
+
 def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """2B rows: the B chosen sequences, then the B rejected ones, each with its pair's user."""
     return collate_sequences(*_pair_sequences(pairs), pad_id)

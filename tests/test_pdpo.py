@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from common.batching import EncodedPair, collate_pairs
+from common.batching import EncodedPair, collate_pairs, score_pairs
 from common.config import load_config
 from common.run import build_backbone
 from policy.dpo_loss import (personalized_dpo_loss, preference_loss, stochastic_dpo_loss, stochastic_generic_mask)
@@ -292,6 +292,30 @@ def test_cached_reference_logps_are_recomputed_for_another_reference(tmp_path):
         policy.backbone.lm.get_input_embeddings().weight.mul_(1.5)
     fresh = cached_reference_logps(policy, pairs, tok.pad_token_id, 2, "cpu", cache)
     assert fresh[0][2] != -123.0 and not torch.allclose(fresh[0], first[0])
+
+
+def test_score_pairs_maps_rows_back_and_scores_a_repeated_pair_once():
+    """`score_pairs`, under both the RM's and the policy's held-out scoring: each pair gets its own chosen and
+    rejected score whatever the length-sorted batching, `as_generic` scores as user 0, and `once_per_pair` scores a
+    comparison that several annotators labelled once and hands the same score back to each of them."""
+    seen_rows = []
+
+    def score(batch):  # the answer's token sum, and the user: enough to tell every sequence apart
+        seen_rows.append(len(batch["user_idx"]))
+        answer = torch.where(batch["labels"] == -100, 0, batch["labels"]).sum(dim=1)
+        return (answer + 1000 * batch["user_idx"]).float()
+
+    pairs = [EncodedPair([5, 6], [7] * (1 + i), [8, 9], i % 3) for i in range(5)]
+    pairs += [EncodedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, 4) for p in pairs[:3]]  # relabelled by user 4
+    expect_w = torch.tensor([7.0 * len(p.chosen_ids) + 1000 * p.user_idx for p in pairs])
+    expect_l = torch.tensor([17.0 + 1000 * p.user_idx for p in pairs])
+    w, l = score_pairs(score, pairs, 0, 2, "cpu")
+    assert torch.equal(w, expect_w) and torch.equal(l, expect_l)
+    seen_rows.clear()
+    w, l = score_pairs(score, pairs, 0, 2, "cpu", as_generic=True, once_per_pair=True)
+    users = torch.tensor([p.user_idx for p in pairs])
+    assert torch.equal(w, expect_w - 1000 * users) and torch.equal(l, l[0].expand(8))
+    assert sum(seen_rows) == 2 * 5  # five distinct comparisons, two answers each
 
 
 def test_pair_logps_scores_length_sorted_sequences_like_whole_pairs():
